@@ -1,0 +1,166 @@
+"""Operator commands that work beside a running daemon: status report, retry of a failed job, model switch,
+online key check. They open the ledger without its lock (WAL lets readers and one writer share it)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .client import ApiError, Client, TransportError
+from .config import ConfigError, Settings
+from .ledger import Ledger, State
+from .policy import CREDENTIAL_MESSAGES
+from .watcher import is_ignored
+
+__all__ = ["PROBE_JOB_ID", "check_keys_online", "collect", "render", "retry_job", "switch_job"]
+
+# A job id that cannot exist: asking its status proves a key without creating a retrain job.
+PROBE_JOB_ID = "retrain-uploader-key-check-0"
+_WAITING = (State.QUEUED, State.PACKAGING, State.REQUESTING, State.UPLOADING)
+
+
+def collect(settings: Settings, ledger: Ledger | None) -> dict[str, Any]:
+    """Per model: inbox, files waiting, jobs per state, pause, last success and last error."""
+    counts = ledger.counts() if ledger else {}
+    models_row = ledger.models() if ledger else {}
+    out: dict[str, Any] = {"ledger": str(settings.ledger.path), "models": []}
+    for model in settings.models:
+        row = models_row.get(model.name, {})
+        waiting, oldest = _waiting_files(model.inbox)
+        last_failed = None
+        if ledger:
+            failed = ledger.jobs(state=State.FAILED, model=model.name)
+            if failed:
+                last_failed = {"id": failed[-1].id, "error": failed[-1].error, "at": failed[-1].updated_at}
+        out["models"].append(
+            {
+                "model": model.name,
+                "inbox": str(model.inbox),
+                "files_waiting": waiting,
+                "oldest_waiting_file": oldest,
+                "jobs": counts.get(model.name, {}),
+                "paused": bool(row.get("paused_reason")),
+                "paused_reason": row.get("paused_reason"),
+                "paused_at": row.get("paused_at"),
+                "last_success_at": row.get("last_success_at"),
+                "last_error": row.get("last_error"),
+                "last_error_at": row.get("last_error_at"),
+                "last_failed_job": last_failed,
+            }
+        )
+    return out
+
+
+def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
+    oldest: tuple[float, str] | None = None
+    count = 0
+    try:
+        entries = list(os.scandir(inbox))
+    except OSError:
+        return 0, None
+    for entry in entries:
+        if is_ignored(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        count += 1
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+        if oldest is None or mtime < oldest[0]:
+            oldest = (mtime, entry.name)
+    if oldest is None:
+        return count, None
+    age = max(0.0, time.time() - oldest[0])
+    when = datetime.fromtimestamp(oldest[0], UTC).isoformat(timespec="seconds")
+    return count, {"file": oldest[1], "modified_at": when, "age_s": round(age)}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"ledger: {report['ledger']}"]
+    for m in report["models"]:
+        jobs = ", ".join(f"{state} {n}" for state, n in sorted(m["jobs"].items())) or "no jobs"
+        lines.append(f"\n{m['model']}  ({m['inbox']})")
+        lines.append(f"  jobs: {jobs}")
+        oldest = m["oldest_waiting_file"]
+        waiting = f"{m['files_waiting']} file(s) in the inbox"
+        if oldest:
+            waiting += f", oldest {oldest['file']!r} ({oldest['age_s']} s)"
+        lines.append(f"  waiting: {waiting}")
+        if m["paused"]:
+            lines.append(f"  PAUSED since {m['paused_at']}: {m['paused_reason']}")
+        lines.append(f"  last success: {m['last_success_at'] or 'never'}")
+        if m["last_error"]:
+            lines.append(f"  last error ({m['last_error_at']}): {m['last_error']}")
+    return "\n".join(lines)
+
+
+def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
+    """Move a failed job's files from failed/ back into the inbox, where the daemon takes them as a new job."""
+    job = ledger.get(job_id)
+    if job.state is not State.FAILED:
+        raise ValueError(f"it is {job.state}, only failed jobs can be retried")
+    if not job.closed:
+        raise ValueError("the daemon is still moving its files; try again in a moment")
+    try:
+        inbox = settings.model(job.model).inbox
+    except KeyError:
+        raise ValueError(f"model {job.model!r} is no longer in the config") from None
+    pairs = list(zip(job.sources, job.moved_to, strict=False))
+    present = [(name, target) for name, target in pairs if (inbox / target).exists()]
+    if not present:
+        raise ValueError("its files are no longer in failed/ (retried already, or moved away)")
+    for name, _ in present:
+        if os.path.lexists(inbox / name):
+            raise ValueError(f"{name!r} is in the inbox already; move it away first")
+    for name, target in present:
+        os.rename(inbox / target, inbox / name)
+    if len(job.moved_to) > len(job.sources):
+        error_file = inbox / job.moved_to[-1]
+        if error_file.exists():
+            error_file.rename(error_file.with_name(error_file.name + ".retried"))
+    ledger.update(job.id, event="retried", detail={"restored": [n for n, _ in present]})
+    return [n for n, _ in present]
+
+
+async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
+    """Publish the retrained model of an uploaded job (Retrain Model Switch)."""
+    job = ledger.get(job_id)
+    if job.state is not State.UPLOADED or not job.retrain_job_id:
+        raise ValueError(f"it is {job.state}; only uploaded jobs have a retrained model to switch to")
+    key = settings.model(job.model).read_api_key()
+    client = Client(settings.api.base_url, request_timeout_s=settings.api.request_timeout_s)
+    try:
+        await client.switch_model(key, job.retrain_job_id)
+    except ApiError as e:
+        raise ValueError(e.describe()) from None
+    except TransportError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        await client.close()
+    ledger.update(job.id, event="switched", detail={"retrain_job_id": job.retrain_job_id})
+    return f"job {job.id}: model {job.model} now serves retrain job {job.retrain_job_id}"
+
+
+async def check_keys_online(settings: Settings) -> list[str]:
+    """Prove each key with a status check of a job id that cannot exist: no retrain job is created."""
+    problems: list[str] = []
+    client = Client(settings.api.base_url, request_timeout_s=settings.api.request_timeout_s)
+    try:
+        for model in settings.models:
+            try:
+                key = model.read_api_key()
+                await client.get_status(key, PROBE_JOB_ID)
+            except ConfigError as e:
+                problems.append(str(e))
+            except ApiError as e:
+                if e.message.strip() in CREDENTIAL_MESSAGES or e.http_status in (401, 403):
+                    problems.append(f"models.{model.name}: the API rejected the key: {e.message}")
+                elif e.message.strip() != "Not found retrain job.":
+                    problems.append(f"models.{model.name}: unexpected answer: {e.describe()}")
+            except TransportError as e:
+                problems.append(f"models.{model.name}: cannot reach the API: {e}")
+            else:
+                problems.append(f"models.{model.name}: unexpected answer: a job {PROBE_JOB_ID!r} exists")
+    finally:
+        await client.close()
+    return problems

@@ -1,0 +1,239 @@
+"""The ``retrain-uploader`` command. Exit codes: 0 ok, 1 a failure at run time, 2 bad configuration or usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, Settings, default_config_path, loose_permissions
+from .ledger import Ledger, LedgerLocked, State
+from .logs import configure
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrain-uploader", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $RETRAIN_UPLOADER_CONFIG, else /etc/retrain-uploader/config.toml)",
+    )
+    common.add_argument("--log-level", default=os.environ.get("RETRAIN_UPLOADER_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    jobs = sub.add_parser("jobs", parents=[common], help="list jobs from the ledger")
+    jobs.add_argument("--state", choices=[s.value for s in State])
+    jobs.add_argument("--model")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+    status = sub.add_parser("status", parents=[common], help="per model: counts, waiting files, pauses, errors")
+    status.add_argument("--json", action="store_true")
+    retry = sub.add_parser("retry", parents=[common], help="put a failed job's files back into its inbox")
+    retry.add_argument("id", type=int)
+    switch = sub.add_parser("switch", parents=[common], help="publish the retrained model of an uploaded job")
+    switch.add_argument("id", type=int)
+    check = sub.add_parser("check-config", parents=[common], help="validate the config and the key sources")
+    check.add_argument("--online", action="store_true", help="also prove each key against the API (creates no job)")
+    emulator = sub.add_parser("emulator", parents=[common], help="a local stand-in of the Retrain API on 127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8787)
+    emulator.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="KEY[=MODEL_ID]",
+        help="an API key the emulator accepts (repeatable; default demo-key=1)",
+    )
+    emulator.add_argument("--retrain-s", type=float, default=5.0, help="seconds from upload to job_finished")
+    demo = sub.add_parser("demo", parents=[common], help="the daemon against the built-in emulator, with sample data")
+    demo.add_argument("--once", action="store_true", help="exit 0 once every sample is uploaded")
+    demo.add_argument("--dir", type=Path, default=None, help="work folder (default: a new temporary folder)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure(level=args.log_level)
+    handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"retrain-uploader: configuration error:\n{e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_toml(args.config or default_config_path())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .service import Service
+
+    settings = _settings(args)
+    _warn_permissions(settings)
+    try:
+        return asyncio.run(Service(settings).run())
+    except LedgerLocked as e:
+        print(f"retrain-uploader: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _warn_permissions(settings: Settings) -> list[str]:
+    import structlog
+
+    log = structlog.get_logger("retrain_uploader.cli")
+    loose = []
+    paths = [settings.source] + [m.api_key_file for m in settings.models]
+    for path in paths:
+        if path is not None and loose_permissions(path):
+            loose.append(str(path))
+            log.warning("config.readable_by_others", path=str(path), fix=f"chmod o-rwx {path}")
+    return loose
+
+
+def _open_ledger(settings: Settings) -> Ledger | None:
+    if not settings.ledger.path.exists():
+        return None
+    return Ledger(settings.ledger.path)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    ledger = _open_ledger(_settings(args))
+    if ledger is None:
+        return EXIT_OK
+    with ledger:
+        jobs = ledger.jobs(state=args.state, model=args.model)
+    for job in jobs:
+        if args.json:
+            print(json.dumps(job.as_dict(), ensure_ascii=False))
+        else:
+            error = f"  {job.error}" if job.error else ""
+            print(
+                f"{job.id:>6}  {job.model:<16} {job.state:<10} {job.upload_filename:<40} "
+                f"{job.retrain_job_id or '-':<24} {job.updated_at}{error}"
+            )
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .admin import collect, render
+
+    settings = _settings(args)
+    ledger = _open_ledger(settings)
+    try:
+        report = collect(settings, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    print(json.dumps(report, ensure_ascii=False) if args.json else render(report))
+    return EXIT_OK
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from .admin import retry_job
+
+    settings = _settings(args)
+    ledger = _open_ledger(settings)
+    if ledger is None:
+        print(f"retrain-uploader: no ledger at {settings.ledger.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    with ledger:
+        try:
+            restored = retry_job(settings, ledger, args.id)
+        except (KeyError, ValueError) as e:
+            print(f"retrain-uploader: cannot retry job {args.id}: {e.args[0]}", file=sys.stderr)
+            return EXIT_FAILURE
+    for name in restored:
+        print(f"restored {name}")
+    return EXIT_OK
+
+
+def _cmd_switch(args: argparse.Namespace) -> int:
+    from .admin import switch_job
+
+    settings = _settings(args)
+    ledger = _open_ledger(settings)
+    if ledger is None:
+        print(f"retrain-uploader: no ledger at {settings.ledger.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    with ledger:
+        try:
+            message = asyncio.run(switch_job(settings, ledger, args.id))
+        except (KeyError, ValueError) as e:
+            print(f"retrain-uploader: cannot switch job {args.id}: {e.args[0]}", file=sys.stderr)
+            return EXIT_FAILURE
+    print(message)
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from .admin import check_keys_online
+
+    settings = _settings(args)
+    problems: list[str] = []
+    for model in settings.models:
+        try:
+            model.read_api_key()
+        except ConfigError as e:
+            problems.append(str(e))
+        if not model.inbox.is_dir() and not model.inbox.parent.is_dir():
+            problems.append(f"models.{model.name}.inbox: {model.inbox} does not exist and neither does its parent")
+    loose = _warn_permissions(settings)
+    if not problems and args.online:
+        problems += asyncio.run(check_keys_online(settings))
+    for problem in problems:
+        print(f"retrain-uploader: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
+    note = f" (warning: readable by others: {', '.join(loose)})" if loose else ""
+    print(
+        f"{settings.source}: OK, {len(settings.models)} model(s){' keys accepted by the API' if args.online else ''}"
+        f"{note}"
+    )
+    return EXIT_OK
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator import run_forever
+
+    keys: dict[str, int] = {}
+    for item in args.key or ["demo-key=1"]:
+        key, _, model_id = item.partition("=")
+        keys[key] = int(model_id) if model_id else len(keys) + 1
+    run_forever(args.port, keys, retrain_s=args.retrain_s)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return asyncio.run(run_demo(once=args.once, workdir=args.dir))
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "jobs": _cmd_jobs,
+    "status": _cmd_status,
+    "retry": _cmd_retry,
+    "switch": _cmd_switch,
+    "check-config": _cmd_check_config,
+    "emulator": _cmd_emulator,
+    "demo": _cmd_demo,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""The Retrain API's HTTP calls, turned into typed results and typed errors. No retry policy lives here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import urllib.parse
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from yarl import URL
+
+from .redact import redact_url, scrub
+
+__all__ = [
+    "ApiError",
+    "Client",
+    "JobStatus",
+    "SourceChanged",
+    "TransportError",
+    "UploadTicket",
+]
+
+_API = "/v1/external/retrain_jobs"
+_CHUNK = 1 << 20
+_MAX_ERROR_BODY = 8192
+
+
+class TransportError(ConnectionError):
+    """No HTTP answer: connection refused or cut, or a timeout. For a PUT the outcome is unknown."""
+
+    def __init__(self, endpoint: str, detail: str) -> None:
+        self.endpoint = endpoint
+        self.detail = detail
+        super().__init__(f"{endpoint}: {detail}")
+
+
+class ApiError(Exception):
+    """The far side answered, but not with what the step needs (an error status or an unusable body)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        http_status: int,
+        *,
+        code: int | None = None,
+        error: str | None = None,
+        message: str,
+        retry_after: float | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.http_status = http_status
+        self.code = code
+        self.error = error
+        self.message = message
+        self.retry_after = retry_after
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        parts = [f"{self.endpoint}: HTTP {self.http_status}"]
+        if self.code is not None:
+            parts.append(f"code {self.code}")
+        if self.error:
+            parts.append(self.error)
+        return " ".join(parts) + f": {self.message}"
+
+
+class SourceChanged(RuntimeError):
+    """The file's bytes differ from the ones checked; the PUT was aborted before its last byte."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadTicket:
+    retrain_job_id: str
+    upload_url: str  # a credential: never logged or stored
+
+    def __repr__(self) -> str:
+        return f"UploadTicket(retrain_job_id={self.retrain_job_id!r}, upload_url={redact_url(self.upload_url)!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    status: str
+    model_id: int | None = None
+    message: str | None = None
+    download_url: str | None = None
+
+    def __repr__(self) -> str:
+        url = redact_url(self.download_url) if self.download_url else None
+        return (
+            f"JobStatus(status={self.status!r}, model_id={self.model_id!r}, message={self.message!r},"
+            f" download_url={url!r})"
+        )
+
+
+class _FilePayload(aiohttp.payload.Payload):
+    """Streams ``size`` bytes of a file with a Content-Length, checking their sha256 before the last chunk goes out.
+
+    Object stores refuse chunked presigned PUTs, so the size is declared. Holding back the final chunk until the
+    digest matches means a file that changed since it was checked never completes a PUT (and never costs a retraining).
+    """
+
+    def __init__(self, path: Path, size: int, sha256: str) -> None:
+        super().__init__(path, content_type=None)
+        self._headers.pop("Content-Type", None)
+        self._path = path
+        self._length = size
+        self._size = size
+        self._sha256 = sha256
+        self.sent = 0
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a file payload is not text")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        digest = hashlib.sha256()
+        remaining = self._length
+        held: bytes = b""
+        async with aiofiles.open(self._path, "rb") as f:
+            while remaining > 0:
+                chunk = await f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                digest.update(chunk)
+                if held:
+                    await writer.write(held)
+                    self.sent += len(held)
+                held = chunk
+            if remaining != 0 or digest.hexdigest() != self._sha256 or await f.read(1):
+                msg = f"{self._path.name} changed after it was checked; upload aborted before completion"
+                raise SourceChanged(msg)
+        if held:
+            await writer.write(held)
+            self.sent += len(held)
+
+
+class Client:
+    """One Prediction One API endpoint set. Pass ``session`` to share a connection pool (tests, many models)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 60.0,
+        upload_read_timeout_s: float = 300.0,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._session = session
+        self._owns_session = session is None
+        self._api_timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
+        self._put_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=upload_read_timeout_s
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # The upload URL is a credential for whatever host it names: never send our headers along a redirect.
+            self._session = aiohttp.ClientSession(raise_for_status=False, auto_decompress=True)
+        return self._session
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request_upload(self, api_key: str, filename: str) -> UploadTicket:
+        """Step 1: ``GET upload_url?filename=...`` — creates a remote job and returns its presigned URL."""
+        query = "filename=" + urllib.parse.quote(filename, safe="")
+        url = URL(f"{self._base}{_API}/upload_url?{query}", encoded=True)
+        body = await self._api_call("upload_url", "GET", url, api_key)
+        job_id, upload_url = body.get("retrain_job_id"), body.get("upload_url")
+        if not isinstance(job_id, str | int) or not isinstance(upload_url, str) or not upload_url.startswith("http"):
+            raise ApiError("upload_url", 200, message=f"unexpected response shape (keys: {sorted(body)})")
+        return UploadTicket(str(job_id), upload_url)
+
+    async def get_status(self, api_key: str, retrain_job_id: str) -> JobStatus:
+        """Retrain Status Check. Never creates a job, so it is also how a key is proven."""
+        url = URL(f"{self._base}{_API}/{urllib.parse.quote(retrain_job_id, safe='')}", encoded=True)
+        body = await self._api_call("status", "GET", url, api_key)
+        status = body.get("status")
+        if not isinstance(status, str):
+            raise ApiError("status", 200, message=f"unexpected response shape (keys: {sorted(body)})")
+        model_id = body.get("model_id")
+        message = body.get("message")
+        download = body.get("download_url")
+        return JobStatus(
+            status=status,
+            model_id=model_id if isinstance(model_id, int) else None,
+            message=message if isinstance(message, str) else None,
+            download_url=download if isinstance(download, str) else None,
+        )
+
+    async def switch_model(self, api_key: str, retrain_job_id: str) -> None:
+        """Retrain Model Switch: publish the retrained model."""
+        url = URL(f"{self._base}{_API}/{urllib.parse.quote(retrain_job_id, safe='')}/update_model", encoded=True)
+        await self._api_call("switch", "PUT", url, api_key)
+
+    async def put_file(self, upload_url: str, path: Path, *, size: int, sha256: str) -> None:
+        """Step 2: PUT the file to ``upload_url`` exactly as received, streamed, with a Content-Length."""
+        payload = _FilePayload(path, size, sha256)
+        try:
+            async with self.session.put(
+                URL(upload_url, encoded=True),
+                data=payload,
+                headers={"Content-Length": str(size)},
+                timeout=self._put_timeout,
+                allow_redirects=False,
+            ) as resp:
+                if resp.status >= 300:
+                    raise await _put_error(resp)
+                await resp.read()
+        except SourceChanged:
+            raise
+        except aiohttp.ClientError as e:
+            if isinstance(e.__cause__, SourceChanged):
+                raise e.__cause__ from None
+            raise TransportError("put", _transport_detail(e)) from None
+        except TimeoutError:
+            raise TransportError("put", "timed out waiting for the storage server") from None
+
+    async def download(self, url: str, dest: Path) -> int:
+        """Stream ``url`` into ``dest`` (via a temporary name); returns the byte count."""
+        part = dest.with_name(dest.name + ".part")
+        total = 0
+        try:
+            async with self.session.get(URL(url, encoded=True), timeout=self._put_timeout) as resp:
+                if resp.status >= 300:
+                    raise await _put_error(resp, endpoint="download")
+                async with aiofiles.open(part, "wb") as f:
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        await f.write(chunk)
+                        total += len(chunk)
+            part.replace(dest)
+        except aiohttp.ClientError as e:
+            part.unlink(missing_ok=True)
+            raise TransportError("download", _transport_detail(e)) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return total
+
+    async def _api_call(self, endpoint: str, method: str, url: URL, api_key: str) -> dict[str, Any]:
+        try:
+            async with self.session.request(
+                method, url, headers={"x-api-key": api_key}, timeout=self._api_timeout, allow_redirects=False
+            ) as resp:
+                text = await resp.text(errors="replace")
+                if resp.status >= 300:
+                    raise _api_error(endpoint, resp, text, api_key)
+        except aiohttp.ClientError as e:
+            raise TransportError(endpoint, _transport_detail(e)) from None
+        except TimeoutError:
+            raise TransportError(endpoint, "timed out waiting for the API") from None
+        try:
+            body = json.loads(text)
+        except ValueError:
+            raise ApiError(
+                endpoint, resp.status, message=f"response is not JSON: {_excerpt(text, api_key)!r}"
+            ) from None
+        if not isinstance(body, dict):
+            raise ApiError(endpoint, resp.status, message=f"response is not a JSON object: {_excerpt(text, api_key)!r}")
+        return body
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _api_error(endpoint: str, resp: aiohttp.ClientResponse, text: str, api_key: str) -> ApiError:
+    code: int | None = None
+    error: str | None = None
+    message = ""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        raw_code = body.get("code")
+        if isinstance(raw_code, int) or (isinstance(raw_code, str) and raw_code.isdigit()):
+            code = int(raw_code)
+        if isinstance(body.get("error"), str):
+            error = body["error"]
+        if isinstance(body.get("message"), str):
+            message = body["message"]
+    if not message:
+        message = _excerpt(text, api_key) or resp.reason or "no body"
+    return ApiError(
+        endpoint,
+        resp.status,
+        code=code,
+        error=error,
+        message=scrub(message, [api_key]),
+        retry_after=_retry_after(resp),
+    )
+
+
+_XML_TAG = re.compile(r"<(Code|Message)>([^<]{0,300})</\1>")
+
+
+async def _put_error(resp: aiohttp.ClientResponse, endpoint: str = "put") -> ApiError:
+    # S3-style error bodies can echo the signed request: keep only <Code> and <Message>.
+    text = (await resp.content.read(_MAX_ERROR_BODY)).decode("utf-8", "replace")
+    fields = dict(_XML_TAG.findall(text))
+    message = fields.get("Message") or resp.reason or "no message"
+    return ApiError(
+        endpoint, resp.status, error=fields.get("Code"), message=scrub(message), retry_after=_retry_after(resp)
+    )
+
+
+def _excerpt(text: str, api_key: str) -> str:
+    flat = " ".join(text.split())
+    return scrub(flat[:200] + ("…" if len(flat) > 200 else ""), [api_key])
+
+
+def _transport_detail(e: BaseException) -> str:
+    name = type(e).__name__
+    detail = scrub(str(e))
+    return f"{name}: {detail}" if detail else name

@@ -1,0 +1,252 @@
+"""Settings: one frozen tree built from a TOML file by :meth:`Settings.from_toml`.
+
+pydantic does the validation so that every error names the key it is about; :class:`ConfigError` adds the file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["DEFAULT_CONFIG_PATH", "ConfigError", "ModelSettings", "Settings", "default_config_path"]
+
+DEFAULT_CONFIG_PATH = Path("/etc/retrain-uploader/config.toml")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """The configuration (or a key source it names) is unusable; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ApiSettings(_Section):
+    base_url: str = "https://developer-api.predictionone.sony.biz"
+    connect_timeout_s: PositiveFloat = 10.0
+    request_timeout_s: PositiveFloat = 60.0
+    # A PUT of several GB on a slow uplink takes long: this bounds silence on the socket, not the whole upload.
+    upload_read_timeout_s: PositiveFloat = 300.0
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            msg = "must start with http:// or https://"
+            raise ValueError(msg)
+        return value.rstrip("/")
+
+
+class LedgerSettings(_Section):
+    path: Path = Path("/var/lib/retrain-uploader/ledger.sqlite3")
+    # Pair zips are built here; it must be on a disk with room for the largest pair. Default: beside the ledger.
+    staging_dir: Path | None = None
+
+
+class WatchSettings(_Section):
+    settle_s: NonNegativeFloat = 5.0
+    force_polling: bool = False
+    rescan_s: PositiveFloat = 60.0
+    poll_delay_ms: Annotated[int, Field(ge=50)] = 300
+
+
+class RetrySettings(_Section):
+    base_delay_s: PositiveFloat = 1.0
+    max_delay_s: PositiveFloat = 300.0
+    max_attempts: Annotated[int, Field(ge=1)] = 12
+    paused_retry_s: PositiveFloat = 300.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.max_delay_s < self.base_delay_s:
+            msg = "max_delay_s must be >= base_delay_s"
+            raise ValueError(msg)
+        return self
+
+
+class PoolSettings(_Section):
+    workers: Annotated[int, Field(ge=1, le=64)] = 4
+    queue_size: Annotated[int, Field(ge=1)] = 1000
+    shutdown_grace_s: NonNegativeFloat = 30.0
+
+
+class PackagingSettings(_Section):
+    zip_level: Annotated[int, Field(ge=0, le=9)] = 1
+    max_zip_ratio: PositiveFloat = 200.0
+    max_uncompressed_bytes: Annotated[int, Field(gt=0)] = 64 << 30
+
+
+class ModelSettings(_Section):
+    name: Annotated[str, Field(pattern=_NAME_PATTERN)]
+    inbox: Path
+    api_key_file: Path | None = None
+    api_key_env: str | None = None
+    api_key_credential: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        sources = [s for s in (self.api_key_file, self.api_key_env, self.api_key_credential) if s is not None]
+        if len(sources) != 1:
+            msg = "set exactly one of api_key_file, api_key_env, api_key_credential"
+            raise ValueError(msg)
+        return self
+
+    def read_api_key(self) -> str:
+        """Read this model's key from its source now (so an edited key file is seen on reload)."""
+        where: str
+        if self.api_key_env is not None:
+            where = f"environment variable {self.api_key_env}"
+            key = os.environ.get(self.api_key_env, "")
+        else:
+            if self.api_key_file is not None:
+                path = self.api_key_file
+            else:
+                cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+                if not cred_dir:
+                    msg = f"models.{self.name}.api_key_credential: $CREDENTIALS_DIRECTORY is not set"
+                    raise ConfigError(msg)
+                path = Path(cred_dir) / str(self.api_key_credential)
+            where = f"key file {path}"
+            try:
+                key = path.read_text(encoding="utf-8")
+            except OSError as e:
+                msg = f"models.{self.name}: cannot read {where}: {e.strerror}"
+                raise ConfigError(msg) from e
+        key = key.strip()
+        if not key:
+            msg = f"models.{self.name}: {where} is empty"
+            raise ConfigError(msg)
+        if any(c.isspace() for c in key) or not key.isprintable():
+            msg = f"models.{self.name}: {where} holds more than one token (whitespace inside the key)"
+            raise ConfigError(msg)
+        return key
+
+
+class Settings(_Section):
+    """The whole configuration. Build it with :meth:`from_toml`."""
+
+    api: ApiSettings = ApiSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    watch: WatchSettings = WatchSettings()
+    retry: RetrySettings = RetrySettings()
+    pool: PoolSettings = PoolSettings()
+    packaging: PackagingSettings = PackagingSettings()
+    models: Annotated[tuple[ModelSettings, ...], Field(min_length=1)]
+    source: Path | None = None
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> Self:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            msg = "model names must be unique"
+            raise ValueError(msg)
+        inboxes = [m.inbox.resolve() for m in self.models]
+        if len(set(inboxes)) != len(inboxes):
+            msg = "each model needs its own inbox"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.ledger.staging_dir or self.ledger.path.parent / "staging"
+
+    def model(self, name: str) -> ModelSettings:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Settings:
+        """Load and validate ``path``; relative paths inside it are taken relative to its folder."""
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            msg = f"{path}: cannot read the config file: {e.strerror}"
+            raise ConfigError(msg) from e
+        except tomllib.TOMLDecodeError as e:
+            msg = f"{path}: not valid TOML: {e}"
+            raise ConfigError(msg) from e
+        return cls.from_mapping(raw, source=path)
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], *, source: Path | None = None) -> Settings:
+        base = source.parent if source is not None else Path.cwd()
+        raw = _absolutize(raw, base)
+        try:
+            return cls.model_validate({**raw, "source": source})
+        except ValidationError as e:
+            raise ConfigError(_describe(e, raw, source)) from e
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("RETRAIN_UPLOADER_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def loose_permissions(path: Path) -> bool:
+    """True when ``path`` is readable or writable by users other than its owner and group."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IROTH | stat.S_IWOTH))
+
+
+def _absolutize(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str(base / value)
+        return value
+
+    out = dict(raw)
+    if isinstance(out.get("ledger"), dict):
+        ledger = dict(out["ledger"])
+        for key in ("path", "staging_dir"):
+            if key in ledger:
+                ledger[key] = fix(ledger[key])
+        out["ledger"] = ledger
+    if isinstance(out.get("models"), list):
+        models = []
+        for m in out["models"]:
+            if isinstance(m, dict):
+                m = dict(m)
+                for key in ("inbox", "api_key_file"):
+                    if key in m:
+                        m[key] = fix(m[key])
+            models.append(m)
+        out["models"] = models
+    return out
+
+
+def _describe(error: ValidationError, raw: dict[str, Any], source: Path | None) -> str:
+    where = str(source) if source is not None else "<config>"
+    lines = []
+    for item in error.errors():
+        parts: list[str] = []
+        loc = list(item["loc"])
+        for i, part in enumerate(loc):
+            if part == "models" and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+                index = int(loc[i + 1])
+                models = raw.get("models") or []
+                name = models[index].get("name") if index < len(models) and isinstance(models[index], dict) else None
+                parts.append(f"models[{index}]" + (f" ({name})" if name else ""))
+            elif isinstance(part, int) and parts and parts[-1].startswith("models["):
+                continue
+            else:
+                parts.append(str(part))
+        key = ".".join(parts) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (misspelt?)"
+        lines.append(f"{where}: {key}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,369 @@
+"""The SQLite ledger: one row per job, every state change committed before the next step begins.
+
+WAL with ``synchronous=FULL``: a commit is on disk when it returns, so a power cut loses no acknowledged step.
+The daemon's one connection is used from the event loop; each statement is a short indexed write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "State"]
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    PACKAGING = "packaging"
+    REQUESTING = "requesting"
+    UPLOADING = "uploading"
+    UPLOADED = "uploaded"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({State.UPLOADED, State.FAILED, State.DUPLICATE})
+# Another job with the same content in one of these states means the content was, or is being, sent.
+_SENT_OR_SENDING = (State.REQUESTING, State.UPLOADING, State.UPLOADED)
+
+
+class LedgerLocked(RuntimeError):
+    """Another process holds this ledger."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    model: str
+    kind: str  # "csv" | "pair" | "zip"
+    name: str
+    sources: tuple[str, ...]  # file names in the model's inbox, as dropped
+    upload_filename: str
+    state: State
+    sha256: str | None
+    content_sha256: str | None
+    size_bytes: int | None
+    package_path: str | None
+    retrain_job_id: str | None
+    status_before_put: str | None
+    put_started: bool
+    attempts: int
+    error: str | None
+    moved_to: tuple[str, ...]
+    closed: bool
+    created_at: str
+    updated_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "kind": self.kind,
+            "state": str(self.state),
+            "upload_filename": self.upload_filename,
+            "retrain_job_id": self.retrain_job_id,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "attempts": self.attempts,
+            "error": self.error,
+            "sources": list(self.sources),
+            "moved_to": list(self.moved_to),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: the core ledger
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sources TEXT NOT NULL,
+        upload_filename TEXT NOT NULL,
+        state TEXT NOT NULL,
+        sha256 TEXT,
+        content_sha256 TEXT,
+        size_bytes INTEGER,
+        package_path TEXT,
+        retrain_job_id TEXT,
+        status_before_put TEXT,
+        put_started INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        moved_to TEXT NOT NULL DEFAULT '[]',
+        closed INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE INDEX jobs_content ON jobs(model, content_sha256);
+    CREATE TABLE job_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX job_events_job ON job_events(job_id);
+    CREATE TABLE models (
+        name TEXT PRIMARY KEY,
+        paused_reason TEXT,
+        paused_at TEXT,
+        last_success_at TEXT,
+        last_error TEXT,
+        last_error_at TEXT
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _now_iso(clock: Callable[[], float]) -> str:
+    return datetime.fromtimestamp(clock(), UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Ledger:
+    """The job ledger. ``lock=True`` (the daemon) takes an exclusive lock the kernel drops if the process dies."""
+
+    def __init__(self, path: Path, *, lock: bool = False, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock_fd: int | None = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if lock:
+            self._lock_fd = _take_lock(path.with_name(path.name + ".lock"))
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            msg = f"{self.path}: schema version {version} is newer than this program ({SCHEMA_VERSION}); upgrade it"
+            raise RuntimeError(msg)
+        for number in range(version, SCHEMA_VERSION):
+            with self._tx():
+                for statement in _split_sql(_MIGRATIONS[number]):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number + 1}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- jobs ---------------------------------------------------------------------------------------------------------
+    def create_job(self, *, model: str, kind: str, name: str, sources: Sequence[str], upload_filename: str) -> Job:
+        now = _now_iso(self._clock)
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT INTO jobs (model, kind, name, sources, upload_filename, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, kind, name, json.dumps(list(sources)), upload_filename, State.QUEUED, now, now),
+            )
+            job_id = int(cur.lastrowid or 0)
+            self._event(job_id, "created", {"sources": list(sources)})
+        return self.get(job_id)
+
+    def get(self, job_id: int) -> Job:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job(row)
+
+    def jobs(self, *, state: str | None = None, model: str | None = None, limit: int | None = None) -> list[Job]:
+        sql = "SELECT * FROM jobs WHERE 1=1"
+        args: list[Any] = []
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_job(r) for r in self._db.execute(sql, args)]
+
+    def unfinished(self) -> list[Job]:
+        """Jobs the daemon still owes something: a step, or the move of their sources."""
+        rows = self._db.execute("SELECT * FROM jobs WHERE closed = 0 ORDER BY id")
+        return [_job(r) for r in rows]
+
+    def update(self, job_id: int, *, event: str | None = None, detail: Any = None, **fields: Any) -> Job:
+        """Set ``fields`` on a job (and log an event) in one transaction."""
+        allowed = {
+            "state",
+            "sha256",
+            "content_sha256",
+            "size_bytes",
+            "package_path",
+            "retrain_job_id",
+            "status_before_put",
+            "put_started",
+            "attempts",
+            "error",
+            "moved_to",
+            "upload_filename",
+            "closed",
+        }
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        values = {k: (json.dumps(list(v)) if k == "moved_to" else v) for k, v in fields.items()}
+        values["updated_at"] = _now_iso(self._clock)
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self._tx():
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))  # noqa: S608 -- keys are from the allow-list above
+            if event is not None:
+                self._event(job_id, event, detail if detail is not None else _event_detail(fields))
+        return self.get(job_id)
+
+    def claim_content(self, job_id: int, model: str, content_sha256: str) -> int | None:
+        """Move a packaged job to ``requesting`` unless the same content was sent or is being sent.
+
+        Returns the id of the earlier job when this one is a duplicate (and leaves this job untouched).
+        """
+        with self._tx():
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE model = ? AND content_sha256 = ? AND id != ? AND state IN (?, ?, ?)"
+                " ORDER BY id LIMIT 1",
+                (model, content_sha256, job_id, *_SENT_OR_SENDING),
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            self._db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
+                (State.REQUESTING, _now_iso(self._clock), job_id),
+            )
+            self._event(job_id, "state", {"state": State.REQUESTING})
+        return None
+
+    def events(self, job_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT at, event, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
+        return [{"at": r["at"], "event": r["event"], "detail": json.loads(r["detail"] or "null")} for r in rows]
+
+    def _event(self, job_id: int, event: str, detail: Any) -> None:
+        self._db.execute(
+            "INSERT INTO job_events (job_id, at, event, detail) VALUES (?, ?, ?, ?)",
+            (job_id, _now_iso(self._clock), event, json.dumps(detail, ensure_ascii=False)),
+        )
+
+    # -- models -------------------------------------------------------------------------------------------------------
+    def set_paused(self, model: str, reason: str | None) -> None:
+        now = _now_iso(self._clock) if reason else None
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO models (name, paused_reason, paused_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET"
+                " paused_reason = excluded.paused_reason, paused_at = excluded.paused_at",
+                (model, reason, now),
+            )
+
+    def note_model(self, model: str, *, success: bool = False, error: str | None = None) -> None:
+        now = _now_iso(self._clock)
+        with self._tx():
+            self._db.execute("INSERT INTO models (name) VALUES (?) ON CONFLICT(name) DO NOTHING", (model,))
+            if success:
+                self._db.execute("UPDATE models SET last_success_at = ? WHERE name = ?", (now, model))
+            if error is not None:
+                self._db.execute(
+                    "UPDATE models SET last_error = ?, last_error_at = ? WHERE name = ?", (error, now, model)
+                )
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        return {r["name"]: dict(r) for r in self._db.execute("SELECT * FROM models ORDER BY name")}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self._db.execute("SELECT model, state, COUNT(*) AS n FROM jobs GROUP BY model, state"):
+            out.setdefault(r["model"], {})[r["state"]] = int(r["n"])
+        return out
+
+
+def _take_lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = path.read_text().strip()
+        msg = f"another retrain-uploader is running on this ledger (lock {path}{', pid ' + holder if holder else ''})"
+        raise LedgerLocked(msg) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _split_sql(script: str) -> Iterable[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _event_detail(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k in ("state", "retrain_job_id", "error", "attempts", "moved_to")}
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        model=row["model"],
+        kind=row["kind"],
+        name=row["name"],
+        sources=tuple(json.loads(row["sources"])),
+        upload_filename=row["upload_filename"],
+        state=State(row["state"]),
+        sha256=row["sha256"],
+        content_sha256=row["content_sha256"],
+        size_bytes=row["size_bytes"],
+        package_path=row["package_path"],
+        retrain_job_id=row["retrain_job_id"],
+        status_before_put=row["status_before_put"],
+        put_started=bool(row["put_started"]),
+        attempts=row["attempts"],
+        error=row["error"],
+        moved_to=tuple(json.loads(row["moved_to"])),
+        closed=bool(row["closed"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

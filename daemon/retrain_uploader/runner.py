@@ -1,0 +1,465 @@
+"""Carries one job through its states: package → request an upload URL → PUT → move the sources.
+
+Every step is committed to the ledger before the next begins. The runner decides nothing about scheduling: it
+returns an :class:`Outcome` and the service queues, delays or parks the job accordingly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import checks, packager
+from .client import ApiError, Client, SourceChanged, TransportError, UploadTicket
+from .config import ModelSettings, Settings
+from .ledger import Job, Ledger, State
+from .mover import apply_moves, plan_moves, write_error_file
+from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
+from .redact import scrub
+from .watcher import DONE_DIR, FAILED_DIR
+
+__all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner"]
+
+log = structlog.get_logger("retrain_uploader.runner")
+
+
+@dataclass(slots=True)
+class ModelContext:
+    """What the runner needs of a model at run time (the service owns it and updates it)."""
+
+    settings: ModelSettings
+    api_key: str
+    paused_reason: str | None = None
+    parked: set[int] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def inbox(self) -> Path:
+        return self.settings.inbox
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    state: State
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    reason: str
+
+
+Outcome = Closed | RetryLater | Parked
+
+_HINTS = {
+    "input": "Fix the file and drop it into the inbox again.",
+    "api": "The API refused this upload; read the error, fix the cause, then `retrain-uploader retry {id}`.",
+    "gave_up": "The API or network kept failing; once it is healthy, `retrain-uploader retry {id}`.",
+    "reject": "Replace it with a regular, supported file in the inbox.",
+}
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+class Runner:
+    """Runs jobs. Holds no job state of its own except the in-memory upload URLs, which are never persisted."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        client: Client,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.client = client
+        self._monotonic = monotonic
+        self._rng = rng or random.Random()
+        self._tickets: dict[int, UploadTicket] = {}
+
+    async def process(self, job_id: int, model: ModelContext) -> Outcome:
+        """Advance the job as far as it can go now."""
+        job = self.ledger.get(job_id)
+        while True:
+            if job.state.terminal:
+                self._close(job, model)
+                return Closed(job.state)
+            if job.state in (State.REQUESTING, State.UPLOADING) and model.paused_reason is not None:
+                return Parked(model.paused_reason)
+            try:
+                job = await self._step(job, model)
+            except _Failed as e:
+                job = self._fail(job, e.reason, e.hint)
+            except Exception as e:
+                outcome, job = self._on_error(job, e)
+                if outcome is not None:
+                    return outcome
+
+    async def _step(self, job: Job, model: ModelContext) -> Job:
+        if job.state in (State.QUEUED, State.PACKAGING):
+            return await self._package(job, model)
+        if job.state is State.REQUESTING:
+            return await self._request(job, model)
+        return await self._upload(job, model)
+
+    # -- steps --------------------------------------------------------------------------------------------------------
+    async def _package(self, job: Job, model: ModelContext) -> Job:
+        if job.state is not State.PACKAGING:
+            job = self.ledger.update(job.id, state=State.PACKAGING, event="state", detail={"state": "packaging"})
+        self._drop_temporary(job)
+        started = self._monotonic()
+        try:
+            pkg = await asyncio.to_thread(self._build, job, model)
+        except checks.InputError as e:
+            raise _Failed(str(e), _HINTS["input"]) from e
+        except FileNotFoundError as e:
+            reason = f"a source file disappeared from the inbox before it was uploaded ({Path(e.filename or '?').name})"
+            raise _Failed(reason, _HINTS["input"]) from e
+        job = self.ledger.update(
+            job.id,
+            sha256=pkg.sha256,
+            content_sha256=pkg.content_sha256,
+            size_bytes=pkg.size_bytes,
+            package_path=str(pkg.path) if pkg.temporary else None,
+            event="packaged",
+            detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes},
+        )
+        log.info(
+            "job.packaged",
+            model=model.name,
+            job_id=job.id,
+            file=job.upload_filename,
+            size_bytes=pkg.size_bytes,
+            sha256=pkg.sha256,
+            duration_s=round(self._monotonic() - started, 3),
+        )
+        earlier = self.ledger.claim_content(job.id, model.name, pkg.content_sha256)
+        if earlier is not None:
+            log.info("job.duplicate", model=model.name, job_id=job.id, file=job.upload_filename, same_as=earlier)
+            return self.ledger.update(
+                job.id,
+                state=State.DUPLICATE,
+                error=f"same content as job {earlier}; not uploaded again",
+                event="duplicate",
+                detail={"same_as": earlier},
+            )
+        return self.ledger.get(job.id)
+
+    def _build(self, job: Job, model: ModelContext) -> packager.Package:
+        paths = [model.inbox / name for name in job.sources]
+        limits = self.settings.packaging
+        if job.kind == "csv":
+            return packager.package_csv(paths[0])
+        if job.kind == "zip":
+            return packager.package_zip(
+                paths[0], max_ratio=limits.max_zip_ratio, max_uncompressed_bytes=limits.max_uncompressed_bytes
+            )
+        self.settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        return packager.package_pair(
+            job.name, paths[0], paths[1], self.settings.staging_dir, job_id=job.id, level=limits.zip_level
+        )
+
+    async def _request(self, job: Job, model: ModelContext) -> Job:
+        ticket = await self.client.request_upload(model.api_key, job.upload_filename)
+        self._tickets[job.id] = ticket
+        previous = job.retrain_job_id
+        job = self.ledger.update(
+            job.id,
+            retrain_job_id=ticket.retrain_job_id,
+            status_before_put=None,
+            put_started=0,
+            event="upload_url",
+            detail={"retrain_job_id": ticket.retrain_job_id, "abandoned": previous},
+        )
+        log.info(
+            "upload.url_received",
+            model=model.name,
+            job_id=job.id,
+            retrain_job_id=ticket.retrain_job_id,
+            abandoned_retrain_job_id=previous,
+        )
+        # The status now is the baseline that tells, after a lost PUT response, whether the upload arrived.
+        before: str | None
+        try:
+            before = (await self.client.get_status(model.api_key, ticket.retrain_job_id)).status
+        except (TransportError, ApiError) as e:
+            before = None
+            log.warning(
+                "upload.baseline_unavailable",
+                model=model.name,
+                job_id=job.id,
+                retrain_job_id=ticket.retrain_job_id,
+                error=str(e),
+            )
+        return self.ledger.update(
+            job.id,
+            state=State.UPLOADING,
+            status_before_put=before,
+            event="state",
+            detail={"state": "uploading", "status_before_put": before},
+        )
+
+    async def _upload(self, job: Job, model: ModelContext) -> Job:
+        if job.put_started:
+            arrived = await self._put_arrived(job, model)
+            if arrived:
+                return self._uploaded(job, model, confirmed_by_status=True)
+        ticket = self._tickets.get(job.id)
+        if ticket is None or ticket.retrain_job_id != job.retrain_job_id:
+            # The URL is never stored: after a restart (or a rejected URL) a fresh one is needed.
+            return self.ledger.update(
+                job.id,
+                state=State.REQUESTING,
+                put_started=0,
+                event="state",
+                detail={"state": "requesting", "why": "no usable upload URL"},
+            )
+        path = self._package_path(job, model)
+        job = self.ledger.update(job.id, put_started=1)  # committed before the first byte leaves
+        started = self._monotonic()
+        log.info(
+            "upload.started",
+            model=model.name,
+            job_id=job.id,
+            retrain_job_id=job.retrain_job_id,
+            file=job.upload_filename,
+            size_bytes=job.size_bytes,
+            attempt=job.attempts + 1,
+        )
+        await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
+        return self._uploaded(job, model, duration_s=self._monotonic() - started)
+
+    async def _put_arrived(self, job: Job, model: ModelContext) -> bool:
+        """After a PUT whose answer was lost: did its body arrive? Decided by comparing the remote status."""
+        assert job.retrain_job_id is not None
+        if job.status_before_put is not None:
+            try:
+                now = await self.client.get_status(model.api_key, job.retrain_job_id)
+            except (TransportError, ApiError) as e:
+                log.warning(
+                    "upload.outcome_unknown",
+                    model=model.name,
+                    job_id=job.id,
+                    retrain_job_id=job.retrain_job_id,
+                    error=str(e),
+                    action="uploading again; may be a repeat",
+                )
+                return False
+            if now.status != job.status_before_put:
+                return True
+            log.info(
+                "upload.not_arrived",
+                model=model.name,
+                job_id=job.id,
+                retrain_job_id=job.retrain_job_id,
+                status=now.status,
+            )
+            return False
+        log.warning(
+            "upload.outcome_unknown",
+            model=model.name,
+            job_id=job.id,
+            retrain_job_id=job.retrain_job_id,
+            error="no status baseline was recorded",
+            action="uploading again; may be a repeat",
+        )
+        return False
+
+    def _uploaded(
+        self, job: Job, model: ModelContext, *, duration_s: float | None = None, confirmed_by_status: bool = False
+    ) -> Job:
+        self._tickets.pop(job.id, None)
+        job = self.ledger.update(
+            job.id,
+            state=State.UPLOADED,
+            put_started=0,
+            error=None,
+            event="uploaded",
+            detail={"confirmed_by_status": confirmed_by_status},
+        )
+        self.ledger.note_model(model.name, success=True)
+        log.info(
+            "upload.finished",
+            model=model.name,
+            job_id=job.id,
+            retrain_job_id=job.retrain_job_id,
+            file=job.upload_filename,
+            size_bytes=job.size_bytes,
+            duration_s=None if duration_s is None else round(duration_s, 3),
+            confirmed_by_status=confirmed_by_status,
+        )
+        return job
+
+    # -- errors -------------------------------------------------------------------------------------------------------
+    def _on_error(self, job: Job, error: Exception) -> tuple[Outcome | None, Job]:
+        verdict = classify(error)
+        reason = scrub(verdict.reason)
+        self.ledger.note_model(job.model, error=reason)
+        if isinstance(verdict, Pause):
+            job = self.ledger.update(job.id, error=reason, event="paused", detail={"error": reason})
+            return Parked(reason), job
+        attempts = job.attempts + 1
+        limit = self.settings.retry.max_attempts
+        if isinstance(verdict, Fail):
+            return None, self._fail(job, reason, _HINTS["api"])
+        if attempts >= limit:
+            return None, self._fail(job, f"gave up after {attempts} attempts; last error: {reason}", _HINTS["gave_up"])
+        if isinstance(verdict, RenewUrl):
+            self._tickets.pop(job.id, None)
+            log.warning(
+                "upload.url_rejected",
+                model=job.model,
+                job_id=job.id,
+                retrain_job_id=job.retrain_job_id,
+                error=reason,
+                attempt=attempts,
+            )
+            job = self.ledger.update(
+                job.id,
+                state=State.REQUESTING,
+                put_started=0,
+                attempts=attempts,
+                error=reason,
+                event="url_rejected",
+                detail={"error": reason},
+            )
+            return None, job
+        assert isinstance(verdict, Retry)
+        changes: dict[str, Any] = {}
+        if isinstance(error, SourceChanged):  # the PUT was cut before its last byte: package the file as it is now
+            self._tickets.pop(job.id, None)
+            changes = {"state": State.PACKAGING, "put_started": 0}
+        delay = backoff_delay(
+            attempts,
+            base_s=self.settings.retry.base_delay_s,
+            max_s=self.settings.retry.max_delay_s,
+            retry_after=verdict.retry_after,
+            rng=self._rng,
+        )
+        job = self.ledger.update(
+            job.id,
+            attempts=attempts,
+            error=reason,
+            event="retry",
+            **changes,
+            detail={"error": reason, "delay_s": round(delay, 3), "attempt": attempts},
+        )
+        log.warning(
+            "upload.retry_scheduled",
+            model=job.model,
+            job_id=job.id,
+            retrain_job_id=job.retrain_job_id,
+            state=str(job.state),
+            attempt=attempts,
+            delay_s=round(delay, 3),
+            error=reason,
+        )
+        return RetryLater(delay), job
+
+    def _fail(self, job: Job, reason: str, hint: str) -> Job:
+        reason = scrub(reason)
+        log.error(
+            "job.failed",
+            model=job.model,
+            job_id=job.id,
+            file=job.upload_filename,
+            retrain_job_id=job.retrain_job_id,
+            state=str(job.state),
+            error=reason,
+        )
+        self._tickets.pop(job.id, None)
+        return self.ledger.update(
+            job.id,
+            state=State.FAILED,
+            error=reason,
+            put_started=0,
+            event="failed",
+            detail={"error": reason, "at_state": str(job.state), "hint": hint.format(id=job.id)},
+        )
+
+    # -- closing ------------------------------------------------------------------------------------------------------
+    def _close(self, job: Job, model: ModelContext) -> None:
+        """Move the sources to done/ or failed/ (with the error file), drop the staging zip, close the job."""
+        if job.closed:
+            return
+        failed = job.state is State.FAILED
+        if not job.moved_to:
+            targets = plan_moves(
+                model.inbox,
+                job.sources,
+                FAILED_DIR if failed else DONE_DIR,
+                job_id=job.id,
+                error_stem=job.name if failed else None,
+            )
+            job = self.ledger.update(job.id, moved_to=targets)
+        missing = apply_moves(model.inbox, job.sources, job.moved_to)
+        if failed:
+            write_error_file(model.inbox / job.moved_to[-1], self._error_content(job, missing))
+        self._drop_temporary(job)
+        self.ledger.update(job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to)})
+        log.info(
+            "job.closed",
+            model=model.name,
+            job_id=job.id,
+            state=str(job.state),
+            moved_to=list(job.moved_to),
+            missing=missing or None,
+        )
+
+    def _error_content(self, job: Job, missing: list[str]) -> dict[str, Any]:
+        failed_event = next((e for e in reversed(self.ledger.events(job.id)) if e["event"] == "failed"), None)
+        detail = failed_event["detail"] if failed_event else {}
+        return {
+            "job_id": job.id,
+            "model": job.model,
+            "sources": list(job.sources),
+            "moved_to": list(job.moved_to[: len(job.sources)]),
+            "missing": missing,
+            "upload_filename": job.upload_filename,
+            "failed_at_state": detail.get("at_state"),
+            "error": job.error,
+            "what_to_do": detail.get("hint") or _HINTS["api"].format(id=job.id),
+            "retrain_job_id": job.retrain_job_id,
+            "sha256": job.sha256,
+            "failed_at": job.updated_at,
+        }
+
+    def reject(self, model: ModelContext, name: str, reason: str) -> Job:
+        """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it."""
+        job = self.ledger.create_job(model=model.name, kind="reject", name=name, sources=[name], upload_filename=name)
+        job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
+        self._close(job, model)
+        return self.ledger.get(job.id)
+
+    def _package_path(self, job: Job, model: ModelContext) -> Path:
+        return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]
+
+    def _drop_temporary(self, job: Job) -> None:
+        if job.package_path:
+            Path(job.package_path).unlink(missing_ok=True)
+            Path(job.package_path + ".part").unlink(missing_ok=True)
+
+    def forget(self, job_id: int) -> None:
+        self._tickets.pop(job_id, None)

@@ -1,0 +1,354 @@
+"""The daemon's lifecycle: start-up recovery, watchers, a bounded worker pool, pausing models, shutdown.
+
+Lifecycle: open the ledger (exclusive) → resume every unfinished job → scan the inboxes → run until stopped →
+stop taking work, let jobs in flight finish within the grace period, cancel the rest, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from . import packager
+from .admin import PROBE_JOB_ID
+from .client import ApiError, Client, TransportError
+from .config import ConfigError, ModelSettings, Settings
+from .ledger import Ledger, State
+from .notify import Notifier
+from .policy import CREDENTIAL_MESSAGES
+from .redact import register_secret
+from .runner import Closed, ModelContext, Parked, RetryLater, Runner
+from .watcher import Candidate, InboxWatcher, Reject
+
+__all__ = ["Service"]
+
+log = structlog.get_logger("retrain_uploader.service")
+
+
+class Service:
+    """The daemon. ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        handle_signals: bool = True,
+        notifier: Notifier | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._session = session
+        self._handle_signals = handle_signals
+        self._notifier = notifier or Notifier()
+        self._monotonic = monotonic
+        self._rng = rng or random.Random()
+        self.stop_event = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.models: dict[str, ModelContext] = {}
+        self._watchers: dict[str, InboxWatcher] = {}
+        self._taken: dict[tuple[str, str], int] = {}
+        self._active: set[int] = set()  # queued, waiting for a retry, or being worked on
+        self._queue: asyncio.Queue[int] = asyncio.Queue(maxsize=settings.pool.queue_size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._busy = 0
+        self.ledger: Ledger
+        self.runner: Runner
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        self.ledger = Ledger(self.settings.ledger.path, lock=True)
+        client = Client(
+            self.settings.api.base_url,
+            session=self._session,
+            connect_timeout_s=self.settings.api.connect_timeout_s,
+            request_timeout_s=self.settings.api.request_timeout_s,
+            upload_read_timeout_s=self.settings.api.upload_read_timeout_s,
+        )
+        self.runner = Runner(self.settings, self.ledger, client, monotonic=self._monotonic, rng=self._rng)
+        loop = asyncio.get_running_loop()
+        if self._handle_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        workers: list[asyncio.Task[None]] = []
+        try:
+            for model in self.settings.models:
+                self._start_model(model)
+            self._recover()
+            workers = [
+                asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(self.settings.pool.workers)
+            ]
+            for watcher in self._watchers.values():
+                self._spawn(watcher.run(self.stop_event), f"watch-{watcher.model}")
+            self._spawn(self._heartbeat(), "heartbeat")
+            self.ready.set()
+            self._notifier.send("READY=1", f"STATUS={self.summary()}")
+            log.info(
+                "service.started",
+                models=sorted(self.models),
+                workers=self.settings.pool.workers,
+                ledger=str(self.settings.ledger.path),
+            )
+            await self.stop_event.wait()
+            await self._shutdown(workers)
+        finally:
+            if self._handle_signals:
+                loop.remove_signal_handler(signal.SIGTERM)
+                loop.remove_signal_handler(signal.SIGINT)
+            await client.close()
+            self.ledger.close()
+            self._notifier.close()
+        log.info("service.stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        if not self.stop_event.is_set():
+            log.info("service.stopping", in_flight=self._busy, queued=self._queue.qsize())
+            self._notifier.send("STOPPING=1")
+            self.stop_event.set()
+
+    async def _shutdown(self, workers: list[asyncio.Task[None]]) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        grace = self.settings.pool.shutdown_grace_s
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=grace)
+            if pending:
+                log.warning("service.grace_expired", cancelled=len(pending), grace_s=grace)
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- models -------------------------------------------------------------------------------------------------------
+    def _start_model(self, model: ModelSettings) -> None:
+        for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):
+            folder.mkdir(parents=True, exist_ok=True)
+        reason: str | None = None
+        try:
+            key = model.read_api_key()
+        except ConfigError as e:
+            key = ""
+            reason = str(e)
+        register_secret(key)
+        ctx = ModelContext(model, key)
+        self.models[model.name] = ctx
+        stored = self.ledger.models().get(model.name, {}).get("paused_reason")
+        if reason is not None:
+            self._pause(ctx, reason)
+        elif stored:
+            # Paused by an earlier run: try the key again now rather than wait a whole interval.
+            ctx.paused_reason = stored
+            self._schedule_probe(ctx, 0.0)
+        self._watchers[model.name] = InboxWatcher(
+            model.name,
+            model.inbox,
+            self.settings.watch,
+            on_candidate=functools.partial(self._take, model.name),
+            on_reject=functools.partial(self._reject, model.name),
+            is_taken=functools.partial(self._is_taken, model.name),
+            clock=self._monotonic,
+        )
+
+    def _pause(self, ctx: ModelContext, reason: str) -> None:
+        if ctx.paused_reason is None:
+            ctx.paused_reason = reason
+            self.ledger.set_paused(ctx.name, reason)
+            log.error("model.paused", model=ctx.name, error=reason, retry_in_s=self.settings.retry.paused_retry_s)
+            self._schedule_probe(ctx, self.settings.retry.paused_retry_s)
+            self._notify_status()
+
+    def _resume(self, ctx: ModelContext) -> None:
+        if ctx.paused_reason is not None:
+            ctx.paused_reason = None
+            self.ledger.set_paused(ctx.name, None)
+            log.info("model.resumed", model=ctx.name, parked_jobs=len(ctx.parked))
+        parked, ctx.parked = ctx.parked, set()
+        for job_id in sorted(parked):
+            self._submit(job_id)
+        self._notify_status()
+
+    def _schedule_probe(self, ctx: ModelContext, delay: float) -> None:
+        self._later(delay, lambda: self._spawn(self._probe(ctx), f"probe-{ctx.name}"))
+
+    async def _probe(self, ctx: ModelContext) -> None:
+        """Is the key good now? A status check of a job that cannot exist answers without creating one."""
+        if ctx.paused_reason is None or self.stop_event.is_set():
+            return
+        try:
+            ctx.api_key = ctx.settings.read_api_key()
+        except ConfigError as e:
+            log.warning("model.still_paused", model=ctx.name, error=str(e))
+            self._schedule_probe(ctx, self.settings.retry.paused_retry_s)
+            return
+        register_secret(ctx.api_key)
+        try:
+            await self.runner.client.get_status(ctx.api_key, PROBE_JOB_ID)
+        except ApiError as e:
+            if e.message.strip() in CREDENTIAL_MESSAGES or e.http_status in (401, 403):
+                log.warning("model.still_paused", model=ctx.name, error=e.describe())
+                self._schedule_probe(ctx, self.settings.retry.paused_retry_s)
+                return
+        except TransportError as e:
+            log.warning("model.still_paused", model=ctx.name, error=str(e))
+            self._schedule_probe(ctx, self.settings.retry.paused_retry_s)
+            return
+        self._resume(ctx)
+
+    # -- intake -------------------------------------------------------------------------------------------------------
+    async def _take(self, model: str, candidate: Candidate) -> None:
+        if self.stop_event.is_set():
+            return
+        job = self.ledger.create_job(
+            model=model,
+            kind=candidate.kind,
+            name=candidate.name,
+            sources=candidate.sources,
+            upload_filename=candidate.upload_filename,
+        )
+        for name in candidate.sources:
+            self._taken[(model, name)] = job.id
+        log.info(
+            "job.queued",
+            model=model,
+            job_id=job.id,
+            kind=candidate.kind,
+            file=candidate.upload_filename,
+            sources=list(candidate.sources),
+        )
+        self._submit(job.id)
+
+    def _is_taken(self, model: str, name: str) -> bool:
+        return (model, name) in self._taken
+
+    async def _reject(self, model: str, reject: Reject) -> None:
+        self.runner.reject(self.models[model], reject.name, reject.reason)
+
+    def _recover(self) -> None:
+        keep: list[Path] = []
+        resumed = 0
+        for job in self.ledger.unfinished():
+            if job.model not in self.models:
+                log.warning("job.model_unknown", job_id=job.id, model=job.model, state=str(job.state))
+                continue
+            for name in job.sources:
+                self._taken[(job.model, name)] = job.id
+            if job.package_path and job.state in (State.REQUESTING, State.UPLOADING):
+                keep.append(Path(job.package_path))
+            log.info(
+                "job.resumed",
+                model=job.model,
+                job_id=job.id,
+                state=str(job.state),
+                retrain_job_id=job.retrain_job_id,
+                put_started=job.put_started,
+            )
+            self._submit(job.id)
+            resumed += 1
+        staging = self.settings.staging_dir
+        if staging.is_dir():
+            for path in packager.clean_staging(staging, keep):
+                log.info("staging.removed_leftover", path=str(path))
+        log.info("service.recovered", resumed_jobs=resumed)
+
+    # -- the pool -----------------------------------------------------------------------------------------------------
+    def _submit(self, job_id: int) -> None:
+        if job_id in self._active:
+            return
+        self._active.add(job_id)
+        self._enqueue(job_id)
+
+    def _enqueue(self, job_id: int) -> None:
+        try:
+            self._queue.put_nowait(job_id)
+        except asyncio.QueueFull:
+            self._spawn(self._queue.put(job_id), f"enqueue-{job_id}")
+
+    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+        def fire() -> None:
+            self._timers.discard(handle)
+            if not self.stop_event.is_set():
+                callback()
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+
+    async def _worker(self, index: int) -> None:
+        while not self.stop_event.is_set():
+            getter = asyncio.ensure_future(self._queue.get())
+            stopper = asyncio.ensure_future(self.stop_event.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter not in done:
+                getter.cancel()
+                return
+            job_id = getter.result()
+            self._busy += 1
+            try:
+                await self._run_job(job_id)
+            finally:
+                self._busy -= 1
+                self._queue.task_done()
+
+    async def _run_job(self, job_id: int) -> None:
+        job = self.ledger.get(job_id)
+        ctx = self.models.get(job.model)
+        if ctx is None:
+            self._active.discard(job_id)
+            return
+        try:
+            outcome = await self.runner.process(job_id, ctx)
+        except Exception:
+            # A bug, not a bad file: keep the job for the next start rather than lose it, and keep the worker.
+            log.exception("job.crashed", model=job.model, job_id=job_id)
+            self._active.discard(job_id)
+            return
+        if isinstance(outcome, RetryLater):
+            self._later(outcome.delay_s, lambda: self._enqueue(job_id))
+            return
+        self._active.discard(job_id)
+        if isinstance(outcome, Parked):
+            ctx.parked.add(job_id)
+            self._pause(ctx, outcome.reason)
+        elif isinstance(outcome, Closed):
+            for name in job.sources:
+                self._taken.pop((job.model, name), None)
+        self._notify_status()
+
+    # -- reporting ----------------------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        paused = sorted(name for name, ctx in self.models.items() if ctx.paused_reason)
+        text = f"{self._queue.qsize()} queued, {self._busy} in flight, {len(self._active)} open"
+        return text + (f"; paused: {', '.join(paused)}" if paused else "")
+
+    def _notify_status(self) -> None:
+        self._notifier.send(f"STATUS={self.summary()}")
+
+    async def _heartbeat(self) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop stalls, systemd restarts us."""
+        interval = Notifier.watchdog_interval_s()
+        if interval is None:
+            return
+        while not self.stop_event.is_set():
+            self._notifier.send("WATCHDOG=1", f"STATUS={self.summary()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=interval)

@@ -1,0 +1,280 @@
+"""Finds settled files in an inbox and pairs them into candidates.
+
+File-system events are only hints that wake the scanner: every decision is made from a fresh ``lstat`` of the
+inbox's top level, at start, on each event, at each settle deadline and on a periodic rescan (inotify can overflow,
+watchfiles can drop events, network mounts send none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import watchfiles
+
+from .config import WatchSettings
+
+__all__ = [
+    "DONE_DIR",
+    "FAILED_DIR",
+    "Candidate",
+    "InboxWatcher",
+    "Plan",
+    "Reject",
+    "SettleTracker",
+    "Signature",
+    "is_ignored",
+    "plan",
+]
+
+log = structlog.get_logger("retrain_uploader.watcher")
+
+DONE_DIR = "done"
+FAILED_DIR = "failed"
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+_MAX_NAME_BYTES = 200  # leaves room for ".error.json" and a collision suffix within the usual 255-byte limit
+
+Signature = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    kind: str  # "csv" | "pair" | "zip"
+    name: str  # the stem: NAME
+    sources: tuple[str, ...]  # file names, train before eval for a pair
+    upload_filename: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    candidates: tuple[Candidate, ...] = ()
+    halves: tuple[str, ...] = ()  # one side of a pair, waiting for its partner
+    rejects: tuple[Reject, ...] = ()
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden files and the temporary names that copy tools and editors use."""
+    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+def _name_problem(name: str) -> str | None:
+    if any(not ch.isprintable() for ch in name):
+        return "its name contains control characters (such as a newline); rename it and drop it again"
+    if len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        return f"its name is longer than {_MAX_NAME_BYTES} bytes; rename it shorter and drop it again"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename it and drop it again"
+    return None
+
+
+def plan(names: Iterable[str]) -> Plan:
+    """Turn settled regular-file names into upload candidates (pure; the order of ``names`` does not matter)."""
+    candidates: list[Candidate] = []
+    rejects: list[Reject] = []
+    trains: dict[str, str] = {}
+    evals: dict[str, str] = {}
+    for name in sorted(set(names)):
+        if is_ignored(name):
+            continue
+        problem = _name_problem(name)
+        if problem is not None:
+            rejects.append(Reject(name, problem))
+            continue
+        lower = name.lower()
+        if lower.endswith(".train.csv"):
+            trains[name[: -len(".train.csv")]] = name
+        elif lower.endswith(".eval.csv"):
+            evals[name[: -len(".eval.csv")]] = name
+        elif lower.endswith(".csv") and len(name) > 4:
+            candidates.append(Candidate("csv", name[:-4], (name,), name))
+        elif lower.endswith(".zip") and len(name) > 4:
+            candidates.append(Candidate("zip", name[:-4], (name,), name))
+        else:
+            reason = "not a supported file: drop NAME.csv, a NAME.train.csv + NAME.eval.csv pair, or NAME.zip"
+            rejects.append(Reject(name, reason))
+    halves: list[str] = []
+    for stem in sorted(trains.keys() | evals.keys()):
+        if stem in trains and stem in evals:
+            candidates.append(Candidate("pair", stem, (trains[stem], evals[stem]), f"{stem}.zip"))
+        else:
+            halves.append(trains.get(stem) or evals[stem])
+    candidates.sort(key=lambda c: c.sources)
+    return Plan(tuple(candidates), tuple(halves), tuple(rejects))
+
+
+@dataclass(slots=True)
+class SettleTracker:
+    """A file is settled once its signature has not changed for ``settle_s`` on our own monotonic clock.
+
+    The daemon's clock, not the file's mtime: copy tools that preserve an old mtime still change size and ctime
+    while they write, and a file is only taken after a quiet period that we measured ourselves.
+    """
+
+    settle_s: float
+    _seen: dict[str, tuple[Signature, float]] = field(default_factory=dict)
+
+    def observe(self, entries: Mapping[str, Signature], now: float) -> set[str]:
+        """Record a scan; return the names that are settled now."""
+        for gone in self._seen.keys() - entries.keys():
+            del self._seen[gone]
+        settled: set[str] = set()
+        for name, sig in entries.items():
+            previous = self._seen.get(name)
+            if previous is None or previous[0] != sig:
+                self._seen[name] = (sig, now)
+                since = now
+            else:
+                since = previous[1]
+            if now - since >= self.settle_s:
+                settled.add(name)
+        return settled
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until the next unsettled file could settle, or None when every file is settled."""
+        waits = [since + self.settle_s - now for _, since in self._seen.values() if now - since < self.settle_s]
+        return max(min(waits), 0.0) if waits else None
+
+    def forget(self, name: str) -> None:
+        self._seen.pop(name, None)
+
+
+def scan(inbox: Path) -> tuple[dict[str, Signature], list[Reject]]:
+    """``lstat`` the inbox's top level: regular files with their signatures, and entries that cannot be taken."""
+    files: dict[str, Signature] = {}
+    rejects: list[Reject] = []
+    with os.scandir(inbox) as it:
+        for entry in it:
+            name = entry.name
+            if is_ignored(name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                files[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+            elif stat.S_ISDIR(mode):
+                continue  # done/, failed/ and the user's own folders: only the top level is an inbox
+            elif stat.S_ISLNK(mode):
+                rejects.append(Reject(name, "it is a symbolic link, which is never followed; copy the file in instead"))
+            else:
+                rejects.append(Reject(name, "it is not a regular file (a FIFO, socket or device); copy a file in"))
+    return files, rejects
+
+
+class InboxWatcher:
+    """Watches one model's inbox and hands each settled candidate (once) to ``on_candidate``.
+
+    ``is_taken(name)`` tells which names already belong to a job, so a file is never taken twice.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        inbox: Path,
+        settings: WatchSettings,
+        *,
+        on_candidate: Callable[[Candidate], Awaitable[None]],
+        on_reject: Callable[[Reject], Awaitable[None]],
+        is_taken: Callable[[str], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.inbox = inbox
+        self._settings = settings
+        self._on_candidate = on_candidate
+        self._on_reject = on_reject
+        self._is_taken = is_taken
+        self._clock = clock
+        self._tracker = SettleTracker(settings.settle_s)
+        self._wake = asyncio.Event()
+        self._warned_halves: set[str] = set()
+        self._scan_failed = False
+
+    def poke(self) -> None:
+        """Scan again soon (an event arrived, or a file was released)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        events = asyncio.create_task(self._events(stop), name=f"watch-events-{self.model}")
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                await self.scan_once()
+                timeout = self._settings.rescan_s
+                due = self._tracker.next_due(self._clock())
+                if due is not None:
+                    timeout = min(timeout, due + 0.01)
+                waiter = asyncio.create_task(self._wake.wait())
+                stopper = asyncio.create_task(stop.wait())
+                try:
+                    await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+        finally:
+            events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await events
+
+    async def scan_once(self) -> None:
+        try:
+            files, rejects = scan(self.inbox)
+        except OSError as e:
+            if not self._scan_failed:
+                log.error("inbox.unreadable", model=self.model, inbox=str(self.inbox), error=str(e))
+            self._scan_failed = True
+            return
+        self._scan_failed = False
+        free = {name: sig for name, sig in files.items() if not self._is_taken(name)}
+        settled = self._tracker.observe(free, self._clock())
+        result = plan(settled)
+        for reject in (*rejects, *result.rejects):
+            if not self._is_taken(reject.name):
+                await self._on_reject(reject)
+        for half in result.halves:
+            if half not in self._warned_halves:
+                self._warned_halves.add(half)
+                log.warning("inbox.waiting_for_partner", model=self.model, file=half)
+        self._warned_halves &= set(result.halves)
+        for candidate in result.candidates:
+            for name in candidate.sources:
+                self._tracker.forget(name)
+            await self._on_candidate(candidate)
+
+    async def _events(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async for _ in watchfiles.awatch(
+                    self.inbox,
+                    stop_event=stop,
+                    recursive=False,
+                    debounce=50,
+                    step=20,
+                    force_polling=self._settings.force_polling,
+                    poll_delay_ms=self._settings.poll_delay_ms,
+                    watch_filter=None,
+                    ignore_permission_denied=True,
+                ):
+                    self._wake.set()
+            except (OSError, RuntimeError) as e:
+                # The periodic rescan still finds everything; try the watch again after a pause.
+                log.warning("inbox.watch_failed", model=self.model, error=str(e))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._settings.rescan_s)
