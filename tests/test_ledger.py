@@ -1,0 +1,104 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrain_uploader.ledger import SCHEMA_VERSION, Ledger, LedgerLocked, State
+
+
+def make_job(ledger: Ledger, name: str = "a", model: str = "m"):
+    return ledger.create_job(model=model, kind="csv", name=name, sources=[f"{name}.csv"], upload_filename=f"{name}.csv")
+
+
+def test_wal_full_sync_and_schema_version(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert ledger._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        ledger._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer than this program"):
+        Ledger(tmp_path / "l.db")
+
+
+def test_state_changes_are_durable_and_logged_as_events(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with Ledger(path) as ledger:
+        job = make_job(ledger)
+        assert job.state is State.QUEUED and not job.closed
+        ledger.update(job.id, state=State.REQUESTING, retrain_job_id="r1", event="upload_url",
+                      detail={"retrain_job_id": "r1"})
+        ledger.update(job.id, state=State.REQUESTING, retrain_job_id="r2", event="upload_url",
+                      detail={"retrain_job_id": "r2", "abandoned": "r1"})
+    with Ledger(path) as again:
+        job = again.get(job.id)
+        assert job.state is State.REQUESTING and job.retrain_job_id == "r2"
+        events = again.events(job.id)
+        assert [e["event"] for e in events] == ["created", "upload_url", "upload_url"]
+        assert events[-1]["detail"] == {"retrain_job_id": "r2", "abandoned": "r1"}
+        assert [j.id for j in again.unfinished()] == [job.id]
+
+
+def test_update_rejects_unknown_fields(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        job = make_job(ledger)
+        with pytest.raises(ValueError, match="unknown job fields"):
+            ledger.update(job.id, **{"state = 'x', id": 1})
+
+
+def test_claim_content_detects_duplicates_per_model(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        first, second, other_model = make_job(ledger, "a"), make_job(ledger, "b"), make_job(ledger, "c", model="n")
+        for j in (first, second, other_model):
+            ledger.update(j.id, content_sha256="same")
+        assert ledger.claim_content(first.id, "m", "same") is None
+        assert ledger.get(first.id).state is State.REQUESTING
+        assert ledger.claim_content(second.id, "m", "same") == first.id
+        assert ledger.get(second.id).state is State.QUEUED
+        assert ledger.claim_content(other_model.id, "n", "same") is None
+
+
+def test_failed_content_may_be_sent_again(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        first, second = make_job(ledger, "a"), make_job(ledger, "b")
+        ledger.update(first.id, content_sha256="h", state=State.FAILED)
+        ledger.update(second.id, content_sha256="h")
+        assert ledger.claim_content(second.id, "m", "h") is None
+
+
+def test_one_daemon_per_ledger_and_the_lock_dies_with_its_holder(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from retrain_uploader.ledger import Ledger\n"
+            f"l = Ledger(Path({str(path)!r}), lock=True); print('locked', flush=True); sys.stdin.read()"
+        )],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LedgerLocked, match=f"pid {holder.pid}"):
+            Ledger(path, lock=True)
+        Ledger(path).close()  # readers (the CLI) are not locked out
+    finally:
+        holder.kill()
+        holder.communicate()
+    Ledger(path, lock=True).close()  # the kernel released the lock of the killed holder
+
+
+def test_counts_and_model_rows(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        a = make_job(ledger, "a")
+        make_job(ledger, "b")
+        ledger.update(a.id, state=State.FAILED)
+        assert ledger.counts() == {"m": {"failed": 1, "queued": 1}}
+        ledger.set_paused("m", "invalid_api_key.")
+        ledger.note_model("m", error="boom")
+        row = ledger.models()["m"]
+        assert row["paused_reason"] == "invalid_api_key." and row["last_error"] == "boom"
+        ledger.set_paused("m", None)
+        assert ledger.models()["m"]["paused_reason"] is None
