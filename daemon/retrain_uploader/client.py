@@ -108,8 +108,7 @@ class _FilePayload(aiohttp.payload.Payload):
     """
 
     def __init__(self, path: Path, size: int, sha256: str) -> None:
-        super().__init__(path, content_type=None)
-        self._headers.pop("Content-Type", None)
+        super().__init__(path)
         self._path = path
         self._length = size
         self._size = size
@@ -123,6 +122,9 @@ class _FilePayload(aiohttp.payload.Payload):
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        # Never replayable: aiohttp silently re-sends an idempotent request whose connection dropped unless its
+        # body is consumed, and a second completed PUT is a second paid retraining. The runner decides instead.
+        self._consumed = True
         digest = hashlib.sha256()
         remaining = self._length
         held: bytes = b""
@@ -217,6 +219,8 @@ class Client:
                 URL(upload_url, encoded=True),
                 data=payload,
                 headers={"Content-Length": str(size)},
+                # Like the manual's curl and requests examples: no Content-Type, which a signature may not cover.
+                skip_auto_headers=("Content-Type",),
                 timeout=self._put_timeout,
                 allow_redirects=False,
             ) as resp:

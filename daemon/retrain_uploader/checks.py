@@ -1,0 +1,500 @@
+"""Input checks run before anything is uploaded: safe open, CSV shape and encoding, zip layout.
+
+Everything here is synchronous and meant for a worker thread. A CSV is read once, in chunks: each raw chunk
+updates the sha256, goes to an optional sink and feeds the csv parser, so memory stays flat whatever the size.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import errno
+import functools
+import hashlib
+import io
+import itertools
+import os
+import re
+import stat
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = ["CsvReport", "InputError", "ZipReport", "check_csv", "check_csv_stream", "check_same_header",
+           "check_zip", "open_regular"]
+
+MAX_LINE_BYTES = 8 << 20
+# The byte-level fast path has no field size limit; let the csv module (the slow path) accept what it does.
+# Process-wide, but only ever raised here, and lines are bounded by MAX_LINE_BYTES anyway.
+csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
+_FOLDERS = ("train_src", "eval_src")
+_HOW_TO_ZIP = "the zip may hold only train_src/<training>.csv and, optionally, eval_src/<evaluation>.csv"
+
+
+class InputError(ValueError):
+    """The input cannot be uploaded as it is; the message says what is wrong, where, and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class CsvReport:
+    size_bytes: int
+    sha256: str
+    encoding: str  # "utf-8" | "utf-8-sig" | "cp932"
+    delimiter: str
+    columns: int
+    header: tuple[str, ...]
+    rows: int  # data rows, header and trailing empty lines not counted
+
+
+@dataclass(frozen=True, slots=True)
+class ZipReport:
+    size_bytes: int
+    sha256: str
+    train_member: str
+    eval_member: str | None
+    train: CsvReport
+    eval: CsvReport | None
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading without following a symlink or blocking on a FIFO; require a regular file.
+
+    Only the last path component is protected from symlinks (``O_NOFOLLOW``). Raises InputError for a symlink,
+    a non-regular file or a permission problem; any other OSError (missing file, EIO...) propagates unchanged.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError as e:
+        msg = f"{path}: permission denied; make the file readable by the user the daemon runs as"
+        raise InputError(msg) from e
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            msg = f"{path}: is a symbolic link, which is never followed; drop the file itself instead"
+            raise InputError(msg) from e
+        if e.errno == errno.ENXIO:  # a unix socket
+            msg = f"{path}: not a regular file (a socket); drop a regular file"
+            raise InputError(msg) from e
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            msg = f"{path}: not a regular file ({_kind(mode)}); drop a regular file"
+            raise InputError(msg)
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(mode), "a device or special file")
+
+
+class _Undecodable(Exception):
+    def __init__(self, offset: int, line: int) -> None:
+        super().__init__(offset, line)
+        self.where = f"line {line}, byte offset {offset}"
+
+
+class _Tap(io.RawIOBase):
+    """Raw reader in front of the parsers: hashes, feeds the sink, screens and validates every chunk once."""
+
+    def __init__(self, raw: IO[bytes], *, name: str, encoding: str, chunk_size: int, max_line: int,
+                 update: Callable[[bytes], None] | None, sink: Callable[[bytes], object] | None) -> None:
+        super().__init__()
+        self._raw, self.name, self.encoding, self.chunk_size = raw, name, encoding, chunk_size
+        self.max_line, self._update, self._sink = max_line, update, sink
+        self._decoder: codecs.IncrementalDecoder | None = codecs.getincrementaldecoder(encoding)()
+        self.size = self.lines = self._run = 0
+        self.head = b""  # the first bytes, to tell a BOM
+        self._pushback = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer)
+        if self._pushback:  # already screened and counted
+            data, self._pushback = self._pushback[: len(view)], self._pushback[len(view):]
+        else:
+            data = self.take(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def unread(self, data: bytes) -> None:
+        self._pushback = data
+
+    def drain(self) -> None:
+        """Read the rest without decoding, so the hash and sink still see every byte."""
+        self._decoder = None
+        while self.take():
+            pass
+
+    def take(self, n: int = 0) -> bytes:
+        data = self._raw.read(n or self.chunk_size)
+        if self._update is not None:
+            self._screen(data)
+            self._update(data)
+            if self._sink is not None and data:
+                self._sink(data)
+        start, lines = self.size, self.lines
+        self.size += len(data)
+        self.lines += data.count(b"\n")
+        if len(self.head) < len(codecs.BOM_UTF8):
+            self.head += data[: len(codecs.BOM_UTF8) - len(self.head)]
+        pending = 0 if self._decoder is None else len(self._decoder.getstate()[0])
+        if self._decoder is not None and (pending or not data.isascii()):
+            try:
+                # Validating here, before any parsing, gives the exact position of a bad byte.
+                self._decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                self._decoder = None
+                at = e.start - pending  # e.start counts from the bytes held back from the previous chunk
+                raise _Undecodable(start + at, lines + data.count(b"\n", 0, max(at, 0)) + 1) from e
+        return data
+
+    def _screen(self, data: bytes) -> None:
+        nul = data.find(b"\0")
+        if nul >= 0:
+            msg = (f"{self.name}: contains a NUL byte (byte offset {self.size + nul}), so it is binary "
+                   "data, not CSV text, e.g. UTF-16 \"Unicode text\"; save it as UTF-8 CSV")
+            raise InputError(msg)
+        # Bounds what a parser must hold for one line (to within one chunk).
+        brk = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        self._run = self._run + len(data) if brk < 0 else len(data) - brk - 1
+        if self._run > self.max_line:
+            line = self.lines + data.count(b"\n") + 1
+            msg = (f"{self.name}: line {line} is longer than {self.max_line} bytes; "
+                   "this is not a usable CSV (binary data, or line breaks missing)")
+            raise InputError(msg)
+
+
+def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], object] | None = None,
+                     chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES) -> CsvReport:
+    """Check the CSV read from ``raw`` (from its current position to EOF) and hash it in the same pass.
+
+    Checks: not empty, no NUL bytes, no line longer than about ``max_line_bytes``, UTF-8 (BOM allowed) or
+    else Shift_JIS/cp932, a header row, at least one data row, as many columns on every row as in the
+    header (empty lines are allowed only after the last data row), well-formed quoting (csv strict mode).
+    The delimiter is a tab when the first line has tabs and no commas, else a comma. Raises InputError
+    naming ``name`` and the row (rows counted like a spreadsheet: the header is row 1).
+
+    ``sink`` receives every raw chunk exactly once, in order, during the first pass. A file that is not
+    UTF-8 is still read to its end in that pass (hash and sink stay complete); then ``raw`` is seeked back
+    and parsed again as cp932 without calling ``sink``. So sink never needs a reset, but ``raw`` must be
+    seekable for non-UTF-8 input (io.UnsupportedOperation otherwise).
+    """
+    start = raw.tell() if raw.seekable() else None
+    hasher = hashlib.sha256()
+    tap = _Tap(raw, name=name, encoding="utf-8", chunk_size=chunk_size, max_line=max_line_bytes,
+               update=hasher.update, sink=sink)
+    try:
+        delimiter, header, rows = _scan(tap)
+        encoding = "utf-8-sig" if tap.head == codecs.BOM_UTF8 else "utf-8"
+    except _Undecodable as utf8_error:
+        tap.drain()
+        if start is None:
+            msg = f"{name}: not UTF-8, and re-reading it as cp932 needs a seekable stream"
+            raise io.UnsupportedOperation(msg) from utf8_error
+        raw.seek(start)
+        replay = _Tap(raw, name=name, encoding="cp932", chunk_size=chunk_size, max_line=max_line_bytes,
+                      update=None, sink=None)
+        try:
+            delimiter, header, rows = _scan(replay)
+        except _Undecodable as cp932_error:
+            msg = (f"{name}: the text is neither UTF-8 (invalid at {utf8_error.where}) nor Shift_JIS/cp932 "
+                   f"(invalid at {cp932_error.where}); save it as \"CSV UTF-8\" and drop it again")
+            raise InputError(msg) from cp932_error
+        encoding = "cp932"
+    return CsvReport(size_bytes=tap.size, sha256=hasher.hexdigest(), encoding=encoding,
+                     delimiter=delimiter, columns=len(header), header=header, rows=rows)
+
+
+_Shape = tuple[str, tuple[str, ...], int]
+
+
+def _scan(tap: _Tap) -> _Shape:
+    """Byte-level fast path; any region it cannot vouch for goes, with the rest, to the csv module.
+
+    Delimiters, quotes and line breaks are ASCII and never part of a UTF-8 or cp932 multibyte character,
+    so rows can be checked on raw bytes: cut the buffer at the last line break outside quotes (quote
+    parity), blank out quoted fields, require every quote to sit at a field boundary, and require the
+    remaining delimiters and line breaks to be the header's pattern repeated, one per row.
+    """
+    buf = tap.take()
+    while not (end := _first_row_end(buf)) and len(buf) <= tap.max_line and (more := tap.take()):
+        buf += more
+    bom = len(codecs.BOM_UTF8) if tap.encoding == "utf-8" and buf.startswith(codecs.BOM_UTF8) else 0
+    known = _fast_header(buf[bom:end], tap.encoding) if end else None
+    if known is None:
+        return _slow(tap, buf, None, 2, 0)
+    delimiter, header, term = known
+    pattern = delimiter.encode() * (len(header) - 1) + term
+    rows, buf, eof = 0, buf[end:], False
+    while not eof:
+        chunk = tap.take()
+        buf += chunk
+        eof = not chunk
+        cut = len(buf) if eof else _last_row_end(buf)
+        if not cut and len(buf) <= tap.max_line:
+            continue  # no complete row yet
+        region = buf[:cut] + (term if eof and buf and not buf.endswith(b"\n") else b"")
+        n = _fast_rows(region, pattern) if cut else None
+        if n is None:
+            return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - buf.count(b"\n"))
+        rows, buf = rows + n, buf[cut:]
+    if rows == 0:
+        raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header")
+    return delimiter, header, rows
+
+
+def _first_row_end(buf: bytes) -> int:
+    i, prev, quotes = buf.find(b"\n"), 0, 0
+    while i >= 0:
+        quotes += buf.count(b'"', prev, i)
+        if quotes % 2 == 0:
+            return i + 1
+        prev, i = i, buf.find(b"\n", i + 1)
+    return 0
+
+
+def _last_row_end(buf: bytes) -> int:
+    i = buf.rfind(b"\n")
+    if i < 0 or b'"' not in buf:
+        return i + 1
+    total, after = buf.count(b'"'), buf.count(b'"', i)
+    while (total - after) % 2:  # this line break is inside a quoted field
+        j = buf.rfind(b"\n", 0, i)
+        if j < 0:
+            return 0
+        after, i = after + buf.count(b'"', j, i), j
+    return i + 1
+
+
+def _fast_header(row: bytes, encoding: str) -> tuple[str, tuple[str, ...], bytes] | None:
+    first_line = row.split(b"\n", 1)[0].split(b"\r", 1)[0]  # a physical line ends at CR or LF, as in csv
+    delimiter = "\t" if b"\t" in first_line and b"," not in first_line else ","
+    try:
+        cells = list(csv.reader(io.StringIO(row.decode(encoding), newline=""), delimiter=delimiter, strict=True))
+    except csv.Error:
+        return None
+    if len(cells) != 1 or len(cells[0]) < 2 or not any(c.strip() for c in cells[0]):
+        return None  # leave odd headers (and one-column files, where an empty line is a valid row) to _slow
+    term = b"\r\n" if row.endswith(b"\r\n") else b"\n"
+    if _fast_rows(row, delimiter.encode() * (len(cells[0]) - 1) + term) != 1:
+        return None
+    return delimiter, tuple(cells[0]), term
+
+
+@functools.cache
+def _tools(delimiter: int) -> tuple[re.Pattern[bytes], bytes]:
+    d = re.escape(bytes([delimiter]))
+    # A blanked-out quoted field (NUL) touching anything but a delimiter, a line break or another one.
+    misplaced = re.compile(rb"\0(?:(?<=[^\0\n\r" + d + rb"]\0)|[^\0\n\r" + d + rb"])")
+    noise = bytes(b for b in range(256) if b not in (delimiter, 10, 13))
+    return misplaced, noise
+
+
+def _fast_rows(region: bytes, pattern: bytes) -> int | None:
+    """Rows in ``region`` if it is whole rows exactly like ``pattern``, else None (let csv decide)."""
+    misplaced, noise = _tools(pattern[0])
+    if b'"' in region:
+        parts = region.split(b'"')
+        if len(parts) % 2 == 0:
+            return None
+        region = b"\0".join(parts[::2])
+        if misplaced.search(region):
+            return None
+    skeleton = region.translate(None, noise)
+    n = skeleton.count(b"\n")
+    return n if len(skeleton) == n * len(pattern) and skeleton.count(pattern) == n else None
+
+
+def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None, row0: int, line0: int) -> _Shape:
+    """Parse with the csv module from a row boundary to EOF; exact error messages come from here."""
+    tap.unread(pushback)
+    encoding = "utf-8-sig" if tap.encoding == "utf-8" and known is None else tap.encoding
+    text = io.TextIOWrapper(io.BufferedReader(tap, tap.chunk_size), encoding=encoding, newline="")
+    if known is None:
+        first = text.readline()
+        if not first:
+            what = "the file is empty" if tap.size == 0 else "there is no header row"
+            raise InputError(f"{tap.name}: {what}; drop a CSV with a header row and at least one data row")
+        delimiter = "\t" if "\t" in first and "," not in first else ","
+        reader = csv.reader(itertools.chain((first,), text), delimiter=delimiter, strict=True)
+    else:
+        delimiter, header = known
+        reader = csv.reader(text, delimiter=delimiter, strict=True)
+    n = 0 if known is None else row0 - 1
+    try:
+        if known is None:
+            header = tuple(next(reader))
+            if not any(cell.strip() for cell in header):
+                msg = f"{tap.name}: row 1 is empty; the first row must be the header (the column names)"
+                raise InputError(msg)
+            n = row0 - 1
+        for n, row in enumerate(reader, row0):
+            if len(row) != len(header):
+                if row:
+                    raise InputError(_ragged(tap.name, n, line0 + reader.line_num, len(row), len(header)))
+                _only_blank_lines_left(reader, tap.name, n)
+                rows = n - 2
+                break
+        else:
+            rows = n - 1
+    except csv.Error as e:
+        msg = (f"{tap.name}: row {n + 1}: {e}; a value holding {_delimiter_name(delimiter)}s, quotes or line "
+               "breaks must be in double quotes, with each inner quote doubled (\"\")")
+        raise InputError(msg) from e
+    if rows == 0:
+        raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header")
+    return delimiter, header, rows
+
+
+def _only_blank_lines_left(reader: Iterator[list[str]], name: str, blank: int) -> None:
+    for n, row in enumerate(reader, blank + 1):
+        if row:
+            msg = (f"{name}: row {blank} is empty but data rows follow it (row {n}); "
+                   "remove the empty lines between data rows")
+            raise InputError(msg)
+
+
+def _ragged(name: str, n: int, line: int, got: int, cols: int) -> str:
+    where = f"row {n}" if line == n else f"row {n} (ending on line {line})"
+    return (f"{name}: {where} has {got} columns, the header has {cols}; check for missing or extra "
+            "delimiters, and quote values that contain one")
+
+
+def _delimiter_name(delimiter: str) -> str:
+    return "tab" if delimiter == "\t" else "comma"
+
+
+def check_csv(path: Path, *, name: str | None = None, sink: Callable[[bytes], object] | None = None,
+              chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES) -> CsvReport:
+    """Open ``path`` with open_regular and run check_csv_stream on it (``name`` defaults to the file name)."""
+    with open_regular(path) as raw:
+        return check_csv_stream(raw, name=name or path.name, sink=sink, chunk_size=chunk_size,
+                                max_line_bytes=max_line_bytes)
+
+
+def check_same_header(train: CsvReport, eval_: CsvReport, *, train_name: str, eval_name: str) -> None:
+    """Raise InputError unless the evaluation CSV has exactly the training CSV's header."""
+    if train.header == eval_.header:
+        return
+    fix = "the evaluation data must have the same columns, in the same order, as the training data"
+    if train.columns != eval_.columns:
+        msg = f"{eval_name} has {eval_.columns} columns but {train_name} has {train.columns}; {fix}"
+        raise InputError(msg)
+    i = next(i for i, (a, b) in enumerate(zip(train.header, eval_.header, strict=True)) if a != b)
+    msg = (f"{eval_name} and {train_name} have different headers: column {i + 1} is "
+           f"{_excerpt(eval_.header[i])} in {eval_name} but {_excerpt(train.header[i])} in {train_name}; "
+           f"{fix}")
+    raise InputError(msg)
+
+
+def _excerpt(cell: str, limit: int = 40) -> str:
+    return repr(cell if len(cell) <= limit else cell[:limit] + "…")
+
+
+def check_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: int = 64 << 30) -> ZipReport:
+    """Check a user-made zip: spec layout, zip-bomb limits, each CSV member, equal headers; hash the zip.
+
+    Layout: ``train_src/<one .csv>`` (required), optionally ``eval_src/<one .csv>``, and the two folder
+    entries; nothing else. Sizes are the ones the zip declares; zipfile never inflates a member past its
+    declared size. Members are checked first, then the zip's own bytes are hashed (a second, sequential
+    read of the compressed file).
+    """
+    with open_regular(path) as f:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                members = _layout(zf, path.name, max_ratio, max_uncompressed_bytes)
+                reports = {folder: _check_member(zf, info, path.name) for folder, info in members.items()}
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            msg = f"{path.name}: not a valid zip file, or corrupt ({e}); create it again and drop it again"
+            raise InputError(msg) from e
+        train, eval_ = reports["train_src"], reports.get("eval_src")
+        if eval_ is not None:
+            check_same_header(train, eval_, train_name=_member_name(members["train_src"]),
+                              eval_name=_member_name(members["eval_src"]))
+        f.seek(0)
+        size, digest = _sha256_of(f)
+    eval_info = members.get("eval_src")
+    return ZipReport(size_bytes=size, sha256=digest, train_member=_member_name(members["train_src"]),
+                     eval_member=None if eval_info is None else _member_name(eval_info),
+                     train=train, eval=eval_)
+
+
+def _sha256_of(f: IO[bytes], chunk_size: int = 1 << 20) -> tuple[int, str]:
+    hasher, size = hashlib.sha256(), 0
+    while chunk := f.read(chunk_size):
+        hasher.update(chunk)
+        size += len(chunk)
+    return size, hasher.hexdigest()
+
+
+def _layout(zf: zipfile.ZipFile, name: str, max_ratio: float, max_total: int) -> dict[str, zipfile.ZipInfo]:
+    found: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in zf.infolist():
+        member = _member_name(info)
+        parts = member.split("/")
+        if "\\" in member or member.startswith("/") or ".." in parts or member[1:2] == ":":
+            msg = f"{name}: entry {_excerpt(member)} has an unsafe path (absolute, .. or \\); {_HOW_TO_ZIP}"
+            raise InputError(msg)
+        if info.is_dir() and len(parts) == 2 and parts[0] in _FOLDERS and not parts[1]:
+            continue
+        is_csv = len(parts) == 2 and parts[0] in _FOLDERS and parts[1].lower().endswith(".csv")
+        if info.is_dir() or not is_csv:
+            raise InputError(f"{name}: unexpected entry {_excerpt(member)}; {_HOW_TO_ZIP}")
+        if parts[0] in found:
+            msg = (f"{name}: more than one CSV in {parts[0]}/ ({_excerpt(_member_name(found[parts[0]]))}, "
+                   f"{_excerpt(member)}); keep exactly one CSV per folder")
+            raise InputError(msg)
+        if info.flag_bits & 0x1:
+            msg = f"{name}: entry {_excerpt(member)} is encrypted; create the zip without a password"
+            raise InputError(msg)
+        ratio = info.file_size / max(info.compress_size, 1)
+        if ratio > max_ratio:
+            msg = (f"{name}: entry {_excerpt(member)} expands {ratio:.0f} times (limit {max_ratio:g}), "
+                   "refused as a possible zip bomb; upload the CSV itself instead of a zip")
+            raise InputError(msg)
+        total += info.file_size
+        found[parts[0]] = info
+    if total > max_total:
+        msg = (f"{name}: the CSVs inside expand to {total} bytes, more than the limit of {max_total}; "
+               "split the data or raise the limit")
+        raise InputError(msg)
+    if "train_src" not in found:
+        raise InputError(f"{name}: no train_src/<file>.csv entry; {_HOW_TO_ZIP}")
+    return found
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """Entry name as typed: without the UTF-8 flag zipfile reads cp437, but such names are UTF-8 or cp932."""
+    if info.flag_bits & 0x800 or info.filename.isascii():
+        return info.filename
+    raw = info.filename.encode("cp437")
+    for encoding in ("utf-8", "cp932"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return info.filename
+
+
+def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> CsvReport:
+    member = f"{name}:{_member_name(info)}"
+    try:
+        with zf.open(info) as raw:
+            return check_csv_stream(raw, name=member)
+    except (NotImplementedError, RuntimeError) as e:  # unsupported compression method, password needed
+        msg = f"{member}: cannot be read ({e}); create the zip again with normal (deflate) compression"
+        raise InputError(msg) from e

@@ -1,0 +1,146 @@
+"""Packaging: turn a dropped input into the exact file to PUT, checked and hashed.
+
+A single CSV or a user-made zip is uploaded as it is. A train/eval pair is written into a staging zip in the
+spec layout, in the same pass that checks and hashes each source. Synchronous: run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import zipfile
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checks import CsvReport, check_csv, check_csv_stream, check_same_header, check_zip, open_regular
+
+__all__ = ["Package", "clean_staging", "package_csv", "package_pair", "package_zip", "sha256_file"]
+
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps, so equal content gives an equal zip
+_MEMBER_ATTR = 0o100644 << 16  # regular file, rw-r--r--
+_UNIX = 3  # ZipInfo.create_system
+
+
+@dataclass(frozen=True, slots=True)
+class Package:
+    path: Path  # the file to PUT: the source itself for a csv or zip, a staging zip for a pair
+    upload_filename: str  # "NAME.csv" | "NAME.zip"
+    size_bytes: int
+    sha256: str  # of the exact bytes at `path`
+    content_sha256: str  # dedup key: sha256 for csv/zip; for a pair derived from the two sources' sha256
+    temporary: bool  # True when `path` is a staging file the daemon owns and may delete
+
+
+def package_csv(path: Path) -> Package:
+    """Check and hash a dropped CSV (one read); it is uploaded unchanged under its own name."""
+    report = check_csv(path)
+    return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
+                   content_sha256=report.sha256, temporary=False)
+
+
+def package_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: int = 64 << 30) -> Package:
+    """Check a dropped zip (layout, zip-bomb limits, each CSV inside) and hash it; uploaded unchanged."""
+    report = check_zip(path, max_ratio=max_ratio, max_uncompressed_bytes=max_uncompressed_bytes)
+    return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
+                   content_sha256=report.sha256, temporary=False)
+
+
+def package_pair(name: str, train: Path, eval_: Path, staging_dir: Path, *, job_id: int, level: int = 1) -> Package:
+    """Write ``staging_dir/{job_id}-{name}.zip`` holding ``train_src/{train.name}`` and ``eval_src/{eval_.name}``.
+
+    Each source is checked and hashed in the pass that compresses it (ZIP_DEFLATED at ``level``). The bytes
+    are deterministic (fixed timestamps, permissions and order), so equal sources give an equal zip. The zip
+    is written as ``*.part``, fsynced, renamed into place and the directory fsynced. On any error the partial
+    file is removed and the error re-raised: InputError for bad input, OSError (e.g. ENOSPC) unchanged.
+    Sources are only read. ``content_sha256`` depends only on the two sources' bytes, not on the zip's.
+    """
+    if not name or "/" in name or "\0" in name or name in {".", ".."}:
+        raise ValueError(f"unusable package name {name!r}")
+    final = staging_dir / f"{job_id}-{name}.zip"
+    part = final.with_name(final.name + ".part")
+    placed = False
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as out:
+            with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
+                train_report = _add_member(zf, f"train_src/{train.name}", train, level)
+                eval_report = _add_member(zf, f"eval_src/{eval_.name}", eval_, level)
+            check_same_header(train_report, eval_report, train_name=train.name, eval_name=eval_.name)
+            out.flush()
+            os.fsync(out.fileno())
+        size, sha256 = _hash(part)
+        os.replace(part, final)
+        placed = True
+        _fsync_dir(staging_dir)
+    except BaseException:
+        for path in (part, final) if placed else (part,):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+    content = hashlib.sha256(b"pair\0" + train_report.sha256.encode() + b"\0" + eval_report.sha256.encode())
+    return Package(path=final, upload_filename=f"{name}.zip", size_bytes=size, sha256=sha256,
+                   content_sha256=content.hexdigest(), temporary=True)
+
+
+def _add_member(zf: zipfile.ZipFile, arcname: str, source: Path, level: int) -> CsvReport:
+    with open_regular(source) as raw:
+        info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = _MEMBER_ATTR
+        info.create_system = _UNIX
+        info.file_size = os.fstat(raw.fileno()).st_size  # lets zipfile choose zip64 up front for big files
+        # ZipFile.open(ZipInfo, "w") takes the level from the ZipInfo; the field is public only from 3.13.
+        setattr(info, "compress_level" if sys.version_info >= (3, 13) else "_compresslevel", level)
+        with zf.open(info, "w") as member:
+            return check_csv_stream(raw, name=source.name, sink=member.write)
+
+
+def _hash(path: Path, chunk_size: int = 1 << 20) -> tuple[int, str]:
+    hasher, size = hashlib.sha256(), 0
+    with open_regular(path) as f:
+        while chunk := f.read(chunk_size):
+            hasher.update(chunk)
+            size += len(chunk)
+    return size, hasher.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """sha256 of the file at ``path``, streamed, opened with open_regular (no symlinks, no FIFOs)."""
+    return _hash(path, chunk_size)[1]
+
+
+def clean_staging(staging_dir: Path, keep: Collection[Path] = ()) -> list[Path]:
+    """At start-up: delete ``*.part`` files and the ``*.zip`` files not in ``keep``; return what was removed.
+
+    Only regular files directly in ``staging_dir`` are touched (symlinks and folders are left alone); paths
+    are compared after resolving, so ``keep`` may name them relatively or through a symlinked folder.
+    A missing ``staging_dir`` has nothing to clean.
+    """
+    kept = {Path(p).resolve() for p in keep}
+    try:
+        entries = list(os.scandir(staging_dir))
+    except FileNotFoundError:
+        return []
+    real_dir = staging_dir.resolve()
+    removed = []
+    for entry in entries:
+        if not entry.name.endswith((".part", ".zip")) or not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.name.endswith(".zip") and real_dir / entry.name in kept:
+            continue
+        path = staging_dir / entry.name
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return sorted(removed)

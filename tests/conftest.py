@@ -1,0 +1,132 @@
+"""Shared fixtures: a real emulator on a loopback port, real folders, a real ledger, the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from retrain_uploader.config import Settings
+from retrain_uploader.emulator import Emulator
+from retrain_uploader.ledger import Job, Ledger
+from retrain_uploader.service import Service
+
+KEYS = {"key-alpha-0001": 1, "key-beta-0002": 2}
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy (a condition wait with a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
+    store = tmp_path / "emulator-store"
+    store.mkdir()
+    async with Emulator(keys=KEYS, store_dir=store) as emu:
+        yield emu
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, emulator: Emulator) -> Callable[..., Settings]:
+    keys = tmp_path / "keys"
+    keys.mkdir(exist_ok=True)
+    (keys / "alpha").write_text("key-alpha-0001\n")
+    (keys / "beta").write_text("key-beta-0002\n")
+
+    def make(**sections: Any) -> Settings:
+        raw: dict[str, Any] = {
+            "api": {"base_url": emulator.base_url, "request_timeout_s": 5, "upload_read_timeout_s": 5},
+            "ledger": {"path": str(tmp_path / "state" / "ledger.sqlite3")},
+            "watch": {"settle_s": 0.05, "rescan_s": 0.5},
+            "retry": {"base_delay_s": 0.01, "max_delay_s": 0.05, "max_attempts": 6, "paused_retry_s": 0.2},
+            "pool": {"workers": 2, "shutdown_grace_s": 5},
+            "models": [
+                {"name": "alpha", "inbox": str(tmp_path / "inbox" / "alpha"), "api_key_file": str(keys / "alpha")},
+                {"name": "beta", "inbox": str(tmp_path / "inbox" / "beta"), "api_key_file": str(keys / "beta")},
+            ],
+        }
+        for section, values in sections.items():
+            if section == "models":
+                raw["models"] = values
+            else:
+                raw.setdefault(section, {}).update(values)
+        return Settings.from_mapping(raw)
+
+    return make
+
+
+class Daemon:
+    """A running in-process service plus the helpers tests need to watch it."""
+
+    def __init__(self, service: Service, task: asyncio.Task[int]) -> None:
+        self.service = service
+        self.task = task
+        self.settings = service.settings
+
+    def inbox(self, model: str = "alpha") -> Path:
+        return self.settings.model(model).inbox
+
+    def jobs(self) -> list[Job]:
+        with Ledger(self.settings.ledger.path) as ledger:
+            return ledger.jobs()
+
+    def events(self, job_id: int) -> list[dict[str, Any]]:
+        with Ledger(self.settings.ledger.path) as ledger:
+            return ledger.events(job_id)
+
+    async def closed_jobs(self, count: int, timeout: float = 15.0) -> list[Job]:
+        def done() -> list[Job] | None:
+            jobs = self.jobs()
+            return jobs if len(jobs) >= count and all(j.closed for j in jobs) else None
+
+        result: list[Job] = await wait_for(done, timeout, f"{count} closed job(s)")
+        return result
+
+    async def stop(self) -> int:
+        self.service.request_stop()
+        return await asyncio.wait_for(self.task, timeout=15)
+
+
+@pytest.fixture
+async def start_daemon(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
+    daemons: list[Daemon] = []
+
+    async def start(settings: Settings | None = None, **sections: Any) -> Daemon:
+        settings = settings or make_settings(**sections)
+        service = Service(settings, handle_signals=False)
+        task = asyncio.create_task(service.run())
+        ready = asyncio.create_task(service.ready.wait())
+        await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises the start-up error
+        daemon = Daemon(service, task)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if not daemon.task.done():
+            await daemon.stop()
+
+
+def drop(inbox: Path, name: str, content: bytes | str, encoding: str = "utf-8") -> Path:
+    """Drop a file the way a careful user does: write elsewhere, then rename into the inbox."""
+    data = content.encode(encoding) if isinstance(content, str) else content
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{name}.incoming"
+    tmp.write_bytes(data)
+    target = inbox / name
+    tmp.rename(target)
+    return target
