@@ -29,7 +29,7 @@ def test_credential_messages_pause_the_model(message: str, endpoint: str, status
     assert isinstance(classify(api_error(endpoint, status, message)), Pause)
 
 
-@given(st.sampled_from(API_ENDPOINTS + ["put"]), st.integers(500, 599) | st.just(429) | st.just(408))
+@given(st.sampled_from([*API_ENDPOINTS, "put"]), st.integers(500, 599) | st.just(429) | st.just(408))
 def test_server_errors_and_throttling_are_retried(endpoint: str, status: int) -> None:
     verdict = classify(api_error(endpoint, status, "Not found configuration_file.", retry_after=7))
     assert verdict == Retry(api_error(endpoint, status, "Not found configuration_file.").describe(), 7)
@@ -65,7 +65,7 @@ def test_unusable_success_body_is_retried() -> None:
     cap=st.floats(10, 1000),
     seed=st.integers(0, 2**32),
 )
-def test_backoff_is_capped_and_jitter_stays_within_half_to_full(attempt: int, base: float, cap: float, seed: int) -> None:
+def test_backoff_is_capped_and_jittered(attempt: int, base: float, cap: float, seed: int) -> None:
     delay = backoff_delay(attempt, base_s=base, max_s=cap, rng=random.Random(seed))
     nominal = min(cap, base * 2.0 ** min(attempt - 1, 62))
     assert nominal / 2 - 1e-9 <= delay <= nominal + 1e-9

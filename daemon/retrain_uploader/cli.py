@@ -9,7 +9,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
