@@ -52,6 +52,7 @@ def make_settings(tmp_path: Path, emulator: Emulator) -> Callable[..., Settings]
             "watch": {"settle_s": 0.05, "rescan_s": 0.5},
             "retry": {"base_delay_s": 0.01, "max_delay_s": 0.05, "max_attempts": 6, "paused_retry_s": 0.2},
             "pool": {"workers": 2, "shutdown_grace_s": 5},
+            "status": {"poll_s": 0.1, "max_poll_delay_s": 0.5},
             "models": [
                 {"name": "alpha", "inbox": str(tmp_path / "inbox" / "alpha"), "api_key_file": str(keys / "alpha")},
                 {"name": "beta", "inbox": str(tmp_path / "inbox" / "beta"), "api_key_file": str(keys / "beta")},

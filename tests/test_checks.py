@@ -9,10 +9,12 @@ import io
 import os
 import random
 import shutil
+import socket
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -141,7 +143,8 @@ def test_ragged_row_deep_in_a_large_file(write: Callable[..., Path]) -> None:
 
 
 def test_ragged_row_after_a_multiline_field_gives_the_line_too(write: Callable[..., Path]) -> None:
-    with pytest.raises(InputError, match=r"row 3 \(ending on line 4\) has 1 columns, the header has 2"):
+    expected = r"row 3 \(ending on line 4\) has 1 column, the header has 2; check for missing or extra commas"
+    with pytest.raises(InputError, match=expected):
         check_csv(write('a,b\n1,"two\nlines"\nlonely\n'))
 
 
@@ -241,6 +244,15 @@ def test_directory_is_not_a_file(tmp_path: Path) -> None:
     (tmp_path / "dir.csv").mkdir()
     with pytest.raises(InputError, match=r"not a regular file \(a directory\)"):
         open_regular(tmp_path / "dir.csv")
+
+
+def test_socket_and_device_are_not_files(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock.csv"))
+        with pytest.raises(InputError, match=r"sock.csv: not a regular file \(a socket\)"):
+            open_regular(tmp_path / "sock.csv")
+    with pytest.raises(InputError, match=r"null: not a regular file \(a device or special file\)"):
+        open_regular(Path("/dev/null"))
 
 
 def test_missing_file_propagates_unchanged(tmp_path: Path) -> None:
@@ -351,7 +363,7 @@ cells = st.text(alphabet=st.sampled_from(list('ab1 ,"\n\r\tあ日本語ｱ')), m
     chunks,
 )
 def test_written_tables_round_trip(
-    header_rows: tuple[list[str], list[list[str]]], encoding: str, term: str, quoting: int, delimiter: str,
+    header_rows: tuple[list[str], list[list[str]]], encoding: str, term: str, quoting: Literal[0, 1], delimiter: str,
     chunk_size: int,
 ) -> None:
     header, rows = header_rows

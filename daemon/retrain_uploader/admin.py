@@ -101,6 +101,10 @@ def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
         raise ValueError(f"it is {job.state}, only failed jobs can be retried")
     if not job.closed:
         raise ValueError("the daemon is still moving its files; try again in a moment")
+    retried = [e["at"] for e in ledger.events(job.id) if e["event"] == "retried"]
+    if retried:
+        # Its names in failed/ may now hold the files of the new job the daemon made of them.
+        raise ValueError(f"it was retried already at {retried[-1]}; its files became a new job (see `jobs`)")
     try:
         inbox = settings.model(job.model).inbox
     except KeyError:
@@ -123,21 +127,29 @@ def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
 
 
 async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
-    """Publish the retrained model of an uploaded job (Retrain Model Switch)."""
+    """Publish the retrained model of a job (Retrain Model Switch) after a person reviewed the result."""
     job = ledger.get(job_id)
-    if job.state is not State.UPLOADED or not job.retrain_job_id:
-        raise ValueError(f"it is {job.state}; only uploaded jobs have a retrained model to switch to")
+    if job.state not in (State.FINISHED, State.UPLOADED, State.RETRAINING) or not job.retrain_job_id:
+        raise ValueError(f"it is {job.state}; only a finished retraining can be switched to")
     key = settings.model(job.model).read_api_key()
     client = Client(settings.api.base_url, request_timeout_s=settings.api.request_timeout_s)
     try:
         await client.switch_model(key, job.retrain_job_id)
     except ApiError as e:
+        if e.message.strip() == "Retrain job is not finished.":
+            raise ValueError("its retraining is not finished yet; try again later") from None
         raise ValueError(e.describe()) from None
     except TransportError as e:
         raise ValueError(str(e)) from None
     finally:
         await client.close()
-    ledger.update(job.id, event="switched", detail={"retrain_job_id": job.retrain_job_id})
+    ledger.update(
+        job.id,
+        state=State.SWITCHED,
+        switched_at=ledger.now(),
+        event="switched",
+        detail={"retrain_job_id": job.retrain_job_id, "by": "cli"},
+    )
     return f"job {job.id}: model {job.model} now serves retrain job {job.retrain_job_id}"
 
 

@@ -1,7 +1,9 @@
 """Input checks run before anything is uploaded: safe open, CSV shape and encoding, zip layout.
 
 Everything here is synchronous and meant for a worker thread. A CSV is read once, in chunks: each raw chunk
-updates the sha256, goes to an optional sink and feeds the csv parser, so memory stays flat whatever the size.
+updates the sha256, goes to an optional sink and is checked, so memory stays flat whatever the size. Rows are
+checked on raw bytes where that is provably what the csv module would conclude (about twice as fast), and by
+the csv module itself from the first region where it is not; both give the same verdicts and messages.
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
         for n, row in enumerate(reader, row0):
             if len(row) != len(header):
                 if row:
-                    raise InputError(_ragged(tap.name, n, line0 + reader.line_num, len(row), len(header)))
+                    raise InputError(_ragged(tap.name, n, line0 + reader.line_num, len(row), len(header), delimiter))
                 _only_blank_lines_left(reader, tap.name, n)
                 rows = n - 2
                 break
@@ -362,15 +364,15 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
 def _only_blank_lines_left(reader: Iterator[list[str]], name: str, blank: int) -> None:
     for n, row in enumerate(reader, blank + 1):
         if row:
-            msg = (f"{name}: row {blank} is empty but data rows follow it (row {n}); "
-                   "remove the empty lines between data rows")
+            msg = f"{name}: row {blank} is empty but data rows follow it (row {n}); remove the empty lines"
             raise InputError(msg)
 
 
-def _ragged(name: str, n: int, line: int, got: int, cols: int) -> str:
+def _ragged(name: str, n: int, line: int, got: int, cols: int, delimiter: str) -> str:
     where = f"row {n}" if line == n else f"row {n} (ending on line {line})"
-    return (f"{name}: {where} has {got} columns, the header has {cols}; check for missing or extra "
-            "delimiters, and quote values that contain one")
+    d = _delimiter_name(delimiter)
+    return (f"{name}: {where} has {got} column{'s' * (got != 1)}, the header has {cols}; check for missing or "
+            f"extra {d}s, and put values that contain a {d} in double quotes")
 
 
 def _delimiter_name(delimiter: str) -> str:

@@ -85,9 +85,20 @@ class PackagingSettings(_Section):
     max_uncompressed_bytes: Annotated[int, Field(gt=0)] = 64 << 30
 
 
+class StatusSettings(_Section):
+    """Following each upload to its end with the Retrain Status Check API."""
+
+    poll_s: PositiveFloat = 60.0
+    max_poll_delay_s: PositiveFloat = 3600.0  # backoff ceiling while status checks fail
+    give_up_after_h: PositiveFloat = 48.0
+    download_result: bool = True
+
+
 class ModelSettings(_Section):
     name: Annotated[str, Field(pattern=_NAME_PATTERN)]
     inbox: Path
+    # The manual expects a person to review the retraining result before the published model is replaced.
+    auto_switch: bool = False
     api_key_file: Path | None = None
     api_key_env: str | None = None
     api_key_credential: str | None = None
@@ -140,6 +151,7 @@ class Settings(_Section):
     retry: RetrySettings = RetrySettings()
     pool: PoolSettings = PoolSettings()
     packaging: PackagingSettings = PackagingSettings()
+    status: StatusSettings = StatusSettings()
     models: Annotated[tuple[ModelSettings, ...], Field(min_length=1)]
     source: Path | None = None
 

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "State"]
+__all__ = ["AFTER_UPLOAD", "SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "State"]
 
 
 class State(StrEnum):
@@ -31,15 +31,25 @@ class State(StrEnum):
     UPLOADED = "uploaded"
     FAILED = "failed"
     DUPLICATE = "duplicate"
+    # After the upload, the remote retraining (followed by polling the Retrain Status Check API):
+    RETRAINING = "retraining"
+    FINISHED = "finished"
+    SWITCHED = "switched"
+    RETRAIN_FAILED = "retrain_failed"
+    RETRAIN_TIMEOUT = "retrain_timeout"
 
     @property
     def terminal(self) -> bool:
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset({State.UPLOADED, State.FAILED, State.DUPLICATE})
-# Another job with the same content in one of these states means the content was, or is being, sent.
-_SENT_OR_SENDING = (State.REQUESTING, State.UPLOADING, State.UPLOADED)
+AFTER_UPLOAD = frozenset(
+    {State.UPLOADED, State.RETRAINING, State.FINISHED, State.SWITCHED, State.RETRAIN_FAILED, State.RETRAIN_TIMEOUT}
+)
+_TERMINAL = AFTER_UPLOAD | {State.FAILED, State.DUPLICATE}
+# Another job with the same content in one of these states means the content was, or is being, sent. A retraining
+# that failed remotely is the exception: dropping the same file again is how a user asks for another try.
+_SENT_OR_SENDING = tuple(sorted({State.REQUESTING, State.UPLOADING} | (AFTER_UPLOAD - {State.RETRAIN_FAILED})))
 
 
 class LedgerLocked(RuntimeError):
@@ -68,6 +78,12 @@ class Job:
     closed: bool
     created_at: str
     updated_at: str
+    uploaded_at: str | None = None
+    retrain_status: str | None = None
+    retrain_message: str | None = None
+    model_id: int | None = None
+    result_path: str | None = None
+    switched_at: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +101,12 @@ class Job:
             "moved_to": list(self.moved_to),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "uploaded_at": self.uploaded_at,
+            "retrain_status": self.retrain_status,
+            "retrain_message": self.retrain_message,
+            "model_id": self.model_id,
+            "result_path": self.result_path,
+            "switched_at": self.switched_at,
         }
 
 
@@ -132,8 +154,22 @@ _MIGRATIONS: tuple[str, ...] = (
         last_error_at TEXT
     );
     """,
+    # 2: following the retraining after the upload (status polling, result download, model switch)
+    """
+    ALTER TABLE jobs ADD COLUMN uploaded_at TEXT;
+    ALTER TABLE jobs ADD COLUMN retrain_status TEXT;
+    ALTER TABLE jobs ADD COLUMN retrain_message TEXT;
+    ALTER TABLE jobs ADD COLUMN model_id INTEGER;
+    ALTER TABLE jobs ADD COLUMN result_path TEXT;
+    ALTER TABLE jobs ADD COLUMN switched_at TEXT;
+    CREATE INDEX jobs_model_state ON jobs(model, state);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+_DUPLICATE_OF = (
+    "SELECT id FROM jobs WHERE model = ? AND content_sha256 = ? AND id != ?"  # noqa: S608 -- placeholders only
+    f" AND state IN ({', '.join('?' * len(_SENT_OR_SENDING))}) ORDER BY id LIMIT 1"
+)
 
 
 def _now_iso(clock: Callable[[], float]) -> str:
@@ -209,12 +245,23 @@ class Ledger:
             raise KeyError(job_id)
         return _job(row)
 
-    def jobs(self, *, state: str | None = None, model: str | None = None, limit: int | None = None) -> list[Job]:
+    def jobs(
+        self,
+        *,
+        state: str | None = None,
+        states: Iterable[str] | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+    ) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE 1=1"
         args: list[Any] = []
         if state is not None:
             sql += " AND state = ?"
             args.append(state)
+        if states is not None:
+            wanted = list(states)
+            sql += f" AND state IN ({', '.join('?' * len(wanted))})"
+            args += wanted
         if model is not None:
             sql += " AND model = ?"
             args.append(model)
@@ -245,6 +292,12 @@ class Ledger:
             "moved_to",
             "upload_filename",
             "closed",
+            "uploaded_at",
+            "retrain_status",
+            "retrain_message",
+            "model_id",
+            "result_path",
+            "switched_at",
         }
         unknown = set(fields) - allowed
         if unknown:
@@ -265,8 +318,7 @@ class Ledger:
         """
         with self._tx():
             row = self._db.execute(
-                "SELECT id FROM jobs WHERE model = ? AND content_sha256 = ? AND id != ? AND state IN (?, ?, ?)"
-                " ORDER BY id LIMIT 1",
+                _DUPLICATE_OF,
                 (model, content_sha256, job_id, *_SENT_OR_SENDING),
             ).fetchone()
             if row is not None:
@@ -277,6 +329,10 @@ class Ledger:
             )
             self._event(job_id, "state", {"state": State.REQUESTING})
         return None
+
+    def now(self) -> str:
+        """The ledger's clock as an ISO timestamp (the form of every ``*_at`` column)."""
+        return _now_iso(self._clock)
 
     def events(self, job_id: int) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT at, event, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
@@ -366,4 +422,10 @@ def _job(row: sqlite3.Row) -> Job:
         closed=bool(row["closed"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        uploaded_at=row["uploaded_at"],
+        retrain_status=row["retrain_status"],
+        retrain_message=row["retrain_message"],
+        model_id=row["model_id"],
+        result_path=row["result_path"],
+        switched_at=row["switched_at"],
     )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_moves", "plan_moves", "write_error_file"]
+__all__ = ["apply_moves", "plan_moves", "plan_result_name", "write_error_file"]
 
 _KNOWN_SUFFIXES = (".train.csv", ".eval.csv", ".csv", ".zip")
 _MAX_NAME_BYTES = 240
@@ -57,6 +57,18 @@ def plan_moves(
             )
         targets.append(f"{dest}/{error_name}")
     return targets
+
+
+def plan_result_name(inbox: Path, stem: str, *, job_id: int, dest: str = "done") -> Path:
+    """Where a job's retraining result goes: ``done/NAME.result.zip``, or ``NAME.jobN.result.zip`` if taken."""
+    folder = inbox / dest
+    folder.mkdir(exist_ok=True)
+    name = f"{stem}.result.zip"
+    if not _fits(name) or os.path.lexists(folder / name):
+        name = (
+            f"{stem}.job{job_id}.result.zip" if _fits(f"{stem}.job{job_id}.result.zip") else f"job{job_id}.result.zip"
+        )
+    return folder / name
 
 
 def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> list[str]:

@@ -294,6 +294,7 @@ class Runner:
         job = self.ledger.update(
             job.id,
             state=State.UPLOADED,
+            uploaded_at=self.ledger.now(),
             put_started=0,
             error=None,
             event="uploaded",

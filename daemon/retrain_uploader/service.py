@@ -28,6 +28,7 @@ from .notify import Notifier
 from .policy import CREDENTIAL_MESSAGES
 from .redact import register_secret
 from .runner import Closed, ModelContext, Parked, RetryLater, Runner
+from .tracker import RetrainTracker
 from .watcher import Candidate, InboxWatcher, Reject
 
 __all__ = ["Service"]
@@ -66,6 +67,7 @@ class Service:
         self._busy = 0
         self.ledger: Ledger
         self.runner: Runner
+        self.tracker: RetrainTracker
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -78,6 +80,9 @@ class Service:
             upload_read_timeout_s=self.settings.api.upload_read_timeout_s,
         )
         self.runner = Runner(self.settings, self.ledger, client, monotonic=self._monotonic, rng=self._rng)
+        self.tracker = RetrainTracker(
+            self.settings, self.ledger, client, self.models, on_pause=self._pause, monotonic=self._monotonic
+        )
         loop = asyncio.get_running_loop()
         if self._handle_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -93,6 +98,7 @@ class Service:
             for watcher in self._watchers.values():
                 self._spawn(watcher.run(self.stop_event), f"watch-{watcher.model}")
             self._spawn(self._heartbeat(), "heartbeat")
+            self._spawn(self.tracker.run(self.stop_event), "retrain-tracker")
             self.ready.set()
             self._notifier.send("READY=1", f"STATUS={self.summary()}")
             log.info(
@@ -185,6 +191,7 @@ class Service:
         parked, ctx.parked = ctx.parked, set()
         for job_id in sorted(parked):
             self._submit(job_id)
+        self.tracker.poke()
         self._notify_status()
 
     def _schedule_probe(self, ctx: ModelContext, delay: float) -> None:
@@ -332,6 +339,8 @@ class Service:
         elif isinstance(outcome, Closed):
             for name in job.sources:
                 self._taken.pop((job.model, name), None)
+            if outcome.state is State.UPLOADED:
+                self.tracker.poke()
         self._notify_status()
 
     # -- reporting ----------------------------------------------------------------------------------------------------

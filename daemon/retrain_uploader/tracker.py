@@ -1,0 +1,242 @@
+"""Follows each uploaded job to its end: Retrain Status Check until ``job_finished``, the result download,
+and (where the model wants it) the Model Switch.
+
+One status request per job per interval, however many jobs wait; a job whose checks fail backs off on its own.
+Everything the tracker learns is in the ledger, so polling resumes after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+
+import structlog
+
+from .client import ApiError, Client, JobStatus, TransportError
+from .config import Settings
+from .ledger import Job, Ledger, State
+from .mover import plan_result_name
+from .policy import Pause, classify
+from .redact import scrub
+from .runner import ModelContext
+
+__all__ = ["FINISHED_STATUS", "NOT_FINISHED_MESSAGE", "RetrainTracker", "interpret"]
+
+log = structlog.get_logger("retrain_uploader.tracker")
+
+FINISHED_STATUS = "job_finished"
+NOT_FINISHED_MESSAGE = "Retrain job is not finished."
+_POLLED = (State.UPLOADED, State.RETRAINING, State.FINISHED)
+
+
+def interpret(status: str) -> State:
+    """The only documented value is ``job_finished``; a value that says it failed ends the job; anything else —
+    including values never seen before — means the retraining is still going on."""
+    if status == FINISHED_STATUS:
+        return State.FINISHED
+    lowered = status.lower()
+    if "fail" in lowered or "error" in lowered:
+        return State.RETRAIN_FAILED
+    return State.RETRAINING
+
+
+class RetrainTracker:
+    """Polls the jobs in ``uploaded``, ``retraining`` and ``finished`` (until downloaded and, if wanted, switched)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        client: Client,
+        models: Mapping[str, ModelContext],
+        *,
+        on_pause: Callable[[ModelContext, str], None],
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.client = client
+        self.models = models
+        self._on_pause = on_pause
+        self._clock = clock
+        self._monotonic = monotonic
+        self._next: dict[int, float] = {}  # job id -> monotonic time of its next check
+        self._failures: dict[int, int] = {}
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """Check now (a job was just uploaded)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            await self.poll_once()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, timeout=self._sleep_s(), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+
+    def _sleep_s(self) -> float:
+        if not self._next:
+            return self.settings.status.poll_s
+        return max(0.0, min(min(self._next.values()) - self._monotonic(), self.settings.status.poll_s))
+
+    async def poll_once(self) -> None:
+        """Check every job that is due, at most ``workers`` at a time."""
+        now = self._monotonic()
+        due = [
+            job for job in self.ledger.jobs(states=_POLLED) if self._wanted(job) and self._next.get(job.id, 0) <= now
+        ]
+        self._next = {k: v for k, v in self._next.items() if k in {j.id for j in due} or v > now}
+        limit = asyncio.Semaphore(self.settings.pool.workers)
+
+        async def check(job: Job) -> None:
+            async with limit:
+                await self._check(job)
+
+        await asyncio.gather(*(check(job) for job in due))
+
+    def _wanted(self, job: Job) -> bool:
+        ctx = self.models.get(job.model)
+        if ctx is None or ctx.paused_reason is not None or not job.retrain_job_id:
+            return False
+        if job.state is State.FINISHED:
+            return self._needs_download(job) or ctx.settings.auto_switch
+        return True
+
+    def _needs_download(self, job: Job) -> bool:
+        return self.settings.status.download_result and job.result_path is None
+
+    async def _check(self, job: Job) -> None:
+        ctx = self.models[job.model]
+        assert job.retrain_job_id is not None
+        if self._timed_out(job):
+            hours = self.settings.status.give_up_after_h
+            reason = f"no end of retraining after {hours:g} h (last status {job.retrain_status!r}); check it in the UI"
+            self.ledger.update(
+                job.id,
+                state=State.RETRAIN_TIMEOUT,
+                error=reason,
+                event="retrain_timeout",
+                detail={"last_status": job.retrain_status},
+            )
+            log.error(
+                "retrain.gave_up",
+                model=job.model,
+                job_id=job.id,
+                retrain_job_id=job.retrain_job_id,
+                status=job.retrain_status,
+                hours=hours,
+            )
+            return
+        try:
+            status = await self.client.get_status(ctx.api_key, job.retrain_job_id)
+            job = self._record(job, status)
+            if job.state is State.FINISHED:
+                await self._finish(job, ctx, status)
+        except (ApiError, TransportError, OSError) as e:
+            self._on_error(job, ctx, e)
+            return
+        self._failures.pop(job.id, None)
+        self._next[job.id] = self._monotonic() + self.settings.status.poll_s
+
+    def _record(self, job: Job, status: JobStatus) -> Job:
+        state = interpret(status.status)
+        if job.state is State.FINISHED:
+            return job  # a finished job is polled again only for a fresh download URL
+        changed = state is not job.state or status.status != job.retrain_status
+        if not changed:
+            return job
+        message = scrub(status.message) if status.message else None
+        job = self.ledger.update(
+            job.id,
+            state=state,
+            retrain_status=status.status,
+            retrain_message=message,
+            model_id=status.model_id,
+            error=message if state is State.RETRAIN_FAILED else None,
+            event="retrain_status",
+            detail={"status": status.status, "message": message},
+        )
+        event = {State.FINISHED: "retrain.finished", State.RETRAIN_FAILED: "retrain.failed"}.get(
+            state, "retrain.status"
+        )
+        logger = log.error if state is State.RETRAIN_FAILED else log.info
+        logger(
+            event,
+            model=job.model,
+            job_id=job.id,
+            retrain_job_id=job.retrain_job_id,
+            status=status.status,
+            message=message,
+            model_id=status.model_id,
+        )
+        return job
+
+    async def _finish(self, job: Job, ctx: ModelContext, status: JobStatus) -> None:
+        if self._needs_download(job) and status.download_url:
+            dest = plan_result_name(ctx.inbox, job.name, job_id=job.id)
+            size = await self.client.download(status.download_url, dest)
+            relative = str(dest.relative_to(ctx.inbox))
+            job = self.ledger.update(
+                job.id, result_path=relative, event="result_downloaded", detail={"path": relative, "size_bytes": size}
+            )
+            log.info("retrain.result_downloaded", model=job.model, job_id=job.id, path=relative, size_bytes=size)
+        if ctx.settings.auto_switch:
+            await self.switch(job, ctx)
+
+    async def switch(self, job: Job, ctx: ModelContext) -> Job:
+        """Retrain Model Switch. "not finished" is not a failure: the caller tries again later."""
+        assert job.retrain_job_id is not None
+        await self.client.switch_model(ctx.api_key, job.retrain_job_id)
+        job = self.ledger.update(
+            job.id,
+            state=State.SWITCHED,
+            switched_at=self.ledger.now(),
+            event="switched",
+            detail={"retrain_job_id": job.retrain_job_id, "by": "auto_switch"},
+        )
+        log.info(
+            "model.switched", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, model_id=job.model_id
+        )
+        return job
+
+    def _on_error(self, job: Job, ctx: ModelContext, error: Exception) -> None:
+        verdict = classify(error)
+        if isinstance(verdict, Pause):
+            self._on_pause(ctx, verdict.reason)
+            return
+        failures = self._failures.get(job.id, 0) + 1
+        self._failures[job.id] = failures
+        status = self.settings.status
+        delay = min(status.poll_s * 2 ** min(failures - 1, 20), max(status.max_poll_delay_s, status.poll_s))
+        if isinstance(error, ApiError) and error.message.strip() == NOT_FINISHED_MESSAGE:
+            delay = status.poll_s
+        self._next[job.id] = self._monotonic() + delay
+        reason = scrub(str(error))
+        log.warning(
+            "retrain.check_failed",
+            model=job.model,
+            job_id=job.id,
+            retrain_job_id=job.retrain_job_id,
+            state=str(job.state),
+            error=reason,
+            attempt=failures,
+            retry_in_s=round(delay, 3),
+        )
+        with contextlib.suppress(Exception):
+            self.ledger.note_model(job.model, error=reason)
+
+    def _timed_out(self, job: Job) -> bool:
+        if job.state is State.FINISHED or job.uploaded_at is None:
+            return False
+        uploaded = datetime.fromisoformat(job.uploaded_at.replace("Z", "+00:00")).timestamp()
+        return self._clock() - uploaded > self.settings.status.give_up_after_h * 3600

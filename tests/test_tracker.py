@@ -1,0 +1,176 @@
+"""Issue 5: each upload followed to its end — status polling, result download, model switch — over real sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from retrain_uploader.admin import switch_job
+from retrain_uploader.emulator import Emulator
+from retrain_uploader.ledger import Ledger, State
+from retrain_uploader.tracker import interpret
+
+from .conftest import KEYS, drop, wait_for
+
+CSV = "id,age,plan\n1,34,basic\n2,51,premium\n"
+NOT_FINISHED = json.dumps(
+    {"code": 4001000204, "error": "PREDA_EXTERNAL_BAD_REQUEST", "message": "Retrain job is not finished."}
+)
+
+
+class ManualClock:
+    """The emulator's clock: retraining ends when the test says so, not after a sleep."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def finish_retraining(self) -> None:
+        self.now += 10_000
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Emulator]:
+    async with Emulator(keys=KEYS, retrain_s=60, clock=clock, url_ttl_s=1e9) as emu:
+        yield emu
+
+
+def models(auto_switch: bool, tmp_path: Path) -> list[dict[str, object]]:
+    return [
+        {"name": "alpha", "inbox": str(tmp_path / "inbox" / "alpha"), "api_key_file": str(tmp_path / "keys" / "alpha"),
+         "auto_switch": auto_switch},
+    ]
+
+
+def job_state(d, state: State):
+    return lambda: next((j for j in d.jobs() if j.state is state), None)
+
+
+@pytest.mark.parametrize("auto_switch", [False, True])
+async def test_upload_retraining_finished_result_and_switch(start_daemon, emulator: Emulator, clock: ManualClock,
+                                                            tmp_path: Path, auto_switch: bool) -> None:
+    d = await start_daemon(models=models(auto_switch, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    job = await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    assert job.retrain_status == "retraining" and job.closed
+    assert (d.inbox() / "done" / "churn.csv").exists()
+    clock.finish_retraining()
+    final = State.SWITCHED if auto_switch else State.FINISHED
+    job = await wait_for(job_state(d, final), what=str(final))
+    if not auto_switch:  # the download comes with `finished`; wait for it to be recorded
+        job = await wait_for(lambda: next((j for j in d.jobs() if j.result_path), None), what="result")
+    assert job.model_id == 1
+    assert job.result_path == "done/churn.result.zip"
+    with zipfile.ZipFile(d.inbox() / job.result_path) as zf:
+        assert zf.namelist()
+    assert emulator.jobs[job.retrain_job_id].switched is auto_switch
+    assert [u.filename for u in emulator.uploads] == ["churn.csv"]
+
+
+async def test_switch_by_hand(start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path) -> None:
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    job = await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    with Ledger(d.settings.ledger.path) as ledger:
+        with pytest.raises(ValueError, match="not finished yet"):
+            await switch_job(d.settings, ledger, job.id)
+        clock.finish_retraining()
+        await wait_for(job_state(d, State.FINISHED), what="finished")
+        message = await switch_job(d.settings, ledger, job.id)
+        assert job.retrain_job_id in message
+        switched = ledger.get(job.id)
+    assert switched.state is State.SWITCHED and switched.switched_at
+    assert emulator.jobs[job.retrain_job_id].switched
+
+
+async def test_not_finished_on_auto_switch_is_retried_later(start_daemon, emulator: Emulator, clock: ManualClock,
+                                                            tmp_path: Path) -> None:
+    emulator.inject("switch", "http_status", status=400, body=NOT_FINISHED, content_type="application/json", times=2)
+    d = await start_daemon(models=models(True, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    clock.finish_retraining()
+    job = await wait_for(job_state(d, State.SWITCHED), what="switched")
+    switch_requests = [r for r in emulator.requests if r.endpoint == "switch"]
+    assert [r.status for r in switch_requests] == [400, 400, 200]
+    assert job.error is None
+
+
+async def test_a_failed_retraining_is_recorded_with_its_message(start_daemon, emulator: Emulator,
+                                                                clock: ManualClock, tmp_path: Path) -> None:
+    emulator.fail_retraining("key-alpha-0001", status="training_error", message="target column has one value")
+    d = await start_daemon(models=models(True, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    clock.finish_retraining()
+    job = await wait_for(job_state(d, State.RETRAIN_FAILED), what="retrain_failed")
+    assert job.retrain_status == "training_error"
+    assert job.retrain_message == job.error == "target column has one value"
+    assert not any(r.endpoint == "switch" for r in emulator.requests)
+
+
+async def test_a_status_never_seen_before_is_still_in_progress(start_daemon, emulator: Emulator,
+                                                               clock: ManualClock, tmp_path: Path) -> None:
+    emulator.fail_retraining("key-alpha-0001", status="queued_for_gpu", message="waiting for a slot")
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    clock.finish_retraining()
+    job = await wait_for(lambda: next((j for j in d.jobs() if j.retrain_status == "queued_for_gpu"), None))
+    assert job.state is State.RETRAINING
+    assert job.retrain_message == "waiting for a slot"
+
+
+async def test_polling_survives_a_restart(start_daemon, make_settings, emulator: Emulator, clock: ManualClock,
+                                          tmp_path: Path) -> None:
+    settings = make_settings(models=models(False, tmp_path))
+    d = await start_daemon(settings)
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    assert await d.stop() == 0
+    clock.finish_retraining()
+    again = await start_daemon(settings)
+    job = await wait_for(job_state(again, State.FINISHED), what="finished after restart")
+    assert len(emulator.uploads) == 1
+    assert job.model_id == 1
+
+
+async def test_give_up_after_the_configured_time(start_daemon, emulator: Emulator, tmp_path: Path) -> None:
+    d = await start_daemon(models=models(False, tmp_path), status={"give_up_after_h": 0.5 / 3600})
+    drop(d.inbox(), "churn.csv", CSV)
+    job = await wait_for(job_state(d, State.RETRAIN_TIMEOUT), what="retrain_timeout")
+    assert "no end of retraining after" in (job.error or "")
+
+
+async def test_one_status_request_per_job_per_interval(start_daemon, emulator: Emulator, tmp_path: Path) -> None:
+    d = await start_daemon(models=models(False, tmp_path), status={"poll_s": 0.2})
+    for i in range(4):
+        drop(d.inbox(), f"f{i}.csv", CSV + f"{i},1,x\n")
+    await wait_for(lambda: len([j for j in d.jobs() if j.state is State.RETRAINING]) == 4, what="4 retraining")
+    start_count = len([r for r in emulator.requests if r.endpoint == "status"])
+    started = time.monotonic()
+    await wait_for(lambda: time.monotonic() - started > 1.0, what="a second of polling")
+    elapsed = time.monotonic() - started
+    polls = len([r for r in emulator.requests if r.endpoint == "status"]) - start_count
+    # 4 jobs, one check each per 0.2 s interval: at most 4 x (elapsed / 0.2 + 1)
+    assert 4 <= polls <= 4 * (elapsed / 0.2 + 1)
+
+
+def test_interpret_status_values() -> None:
+    assert interpret("job_finished") is State.FINISHED
+    for failed in ("failed", "RETRAIN_FAILED", "error", "internal_error"):
+        assert interpret(failed) is State.RETRAIN_FAILED
+    for running in ("retraining", "queued", "", "新しい状態"):
+        assert interpret(running) is State.RETRAINING
