@@ -49,8 +49,12 @@ async def emulator(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Emulator
 
 def models(auto_switch: bool, tmp_path: Path) -> list[dict[str, object]]:
     return [
-        {"name": "alpha", "inbox": str(tmp_path / "inbox" / "alpha"), "api_key_file": str(tmp_path / "keys" / "alpha"),
-         "auto_switch": auto_switch},
+        {
+            "name": "alpha",
+            "inbox": str(tmp_path / "inbox" / "alpha"),
+            "api_key_file": str(tmp_path / "keys" / "alpha"),
+            "auto_switch": auto_switch,
+        },
     ]
 
 
@@ -59,8 +63,9 @@ def job_state(d, state: State):
 
 
 @pytest.mark.parametrize("auto_switch", [False, True])
-async def test_upload_retraining_finished_result_and_switch(start_daemon, emulator: Emulator, clock: ManualClock,
-                                                            tmp_path: Path, auto_switch: bool) -> None:
+async def test_upload_retraining_finished_result_and_switch(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path, auto_switch: bool
+) -> None:
     d = await start_daemon(models=models(auto_switch, tmp_path))
     drop(d.inbox(), "churn.csv", CSV)
     job = await wait_for(job_state(d, State.RETRAINING), what="retraining")
@@ -95,8 +100,9 @@ async def test_switch_by_hand(start_daemon, emulator: Emulator, clock: ManualClo
     assert emulator.jobs[job.retrain_job_id].switched
 
 
-async def test_not_finished_on_auto_switch_is_retried_later(start_daemon, emulator: Emulator, clock: ManualClock,
-                                                            tmp_path: Path) -> None:
+async def test_not_finished_on_auto_switch_is_retried_later(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
     emulator.inject("switch", "http_status", status=400, body=NOT_FINISHED, content_type="application/json", times=2)
     d = await start_daemon(models=models(True, tmp_path))
     drop(d.inbox(), "churn.csv", CSV)
@@ -108,8 +114,9 @@ async def test_not_finished_on_auto_switch_is_retried_later(start_daemon, emulat
     assert job.error is None
 
 
-async def test_a_failed_retraining_is_recorded_with_its_message(start_daemon, emulator: Emulator,
-                                                                clock: ManualClock, tmp_path: Path) -> None:
+async def test_a_failed_retraining_is_recorded_with_its_message(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
     emulator.fail_retraining("key-alpha-0001", status="training_error", message="target column has one value")
     d = await start_daemon(models=models(True, tmp_path))
     drop(d.inbox(), "churn.csv", CSV)
@@ -121,8 +128,9 @@ async def test_a_failed_retraining_is_recorded_with_its_message(start_daemon, em
     assert not any(r.endpoint == "switch" for r in emulator.requests)
 
 
-async def test_a_status_never_seen_before_is_still_in_progress(start_daemon, emulator: Emulator,
-                                                               clock: ManualClock, tmp_path: Path) -> None:
+async def test_a_status_never_seen_before_is_still_in_progress(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
     emulator.fail_retraining("key-alpha-0001", status="queued_for_gpu", message="waiting for a slot")
     d = await start_daemon(models=models(False, tmp_path))
     drop(d.inbox(), "churn.csv", CSV)
@@ -133,8 +141,9 @@ async def test_a_status_never_seen_before_is_still_in_progress(start_daemon, emu
     assert job.retrain_message == "waiting for a slot"
 
 
-async def test_polling_survives_a_restart(start_daemon, make_settings, emulator: Emulator, clock: ManualClock,
-                                          tmp_path: Path) -> None:
+async def test_polling_survives_a_restart(
+    start_daemon, make_settings, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
     settings = make_settings(models=models(False, tmp_path))
     d = await start_daemon(settings)
     drop(d.inbox(), "churn.csv", CSV)

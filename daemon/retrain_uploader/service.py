@@ -59,6 +59,7 @@ class Service:
         self.ready = asyncio.Event()
         self.models: dict[str, ModelContext] = {}
         self._watchers: dict[str, InboxWatcher] = {}
+        self._watch_stops: dict[str, asyncio.Event] = {}
         self._taken: dict[tuple[str, str], int] = {}
         self._active: set[int] = set()  # queued, waiting for a retry, or being worked on
         self._queue: asyncio.Queue[int] = asyncio.Queue(maxsize=settings.pool.queue_size)
@@ -87,6 +88,7 @@ class Service:
         if self._handle_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         workers: list[asyncio.Task[None]] = []
         try:
             for model in self.settings.models:
@@ -95,8 +97,8 @@ class Service:
             workers = [
                 asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(self.settings.pool.workers)
             ]
-            for watcher in self._watchers.values():
-                self._spawn(watcher.run(self.stop_event), f"watch-{watcher.model}")
+            for name in list(self._watchers):
+                self._run_watcher(name)
             self._spawn(self._heartbeat(), "heartbeat")
             self._spawn(self.tracker.run(self.stop_event), "retrain-tracker")
             self.ready.set()
@@ -113,6 +115,7 @@ class Service:
             if self._handle_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGHUP)
             await client.close()
             self.ledger.close()
             self._notifier.close()
@@ -124,6 +127,64 @@ class Service:
             log.info("service.stopping", in_flight=self._busy, queued=self._queue.qsize())
             self._notifier.send("STOPPING=1")
             self.stop_event.set()
+            for event in self._watch_stops.values():
+                event.set()
+
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP). An invalid file is refused and the running config stays.
+
+        New models start, removed ones stop watching (their jobs in flight finish), keys are re-read and paused
+        models are tried again at once. ``ledger``, ``pool`` and ``api`` need a restart and keep their values.
+        """
+        if self.settings.source is None:
+            return False
+        self._notifier.send("RELOADING=1")
+        try:
+            new = Settings.from_toml(self.settings.source)
+        except ConfigError as e:
+            log.error("config.reload_refused", error=str(e), action="keeping the running configuration")
+            self._notifier.send("READY=1")
+            return False
+        fixed = {name: getattr(self.settings, name) for name in ("ledger", "pool", "api")}
+        changed = sorted(name for name, value in fixed.items() if getattr(new, name) != value)
+        if changed:
+            log.warning("config.restart_needed", sections=changed, action="these keep their running values")
+            new = new.model_copy(update=fixed)
+        active = {name for name, stop in self._watch_stops.items() if not stop.is_set()}
+        new_names = {m.name for m in new.models}
+        self.settings = self.runner.settings = self.tracker.settings = new
+        for name in sorted(active - new_names):
+            self._watch_stops[name].set()  # its queued and in-flight jobs still finish
+            log.info("model.removed", model=name, open_jobs=sum(1 for m, _ in self._taken if m == name))
+        for model in new.models:
+            ctx = self.models.get(model.name)
+            if ctx is None:
+                self._start_model(model)
+                self._run_watcher(model.name)
+                log.info("model.added", model=model.name, inbox=str(model.inbox))
+                continue
+            rewatch = model.name not in active or model.inbox != ctx.settings.inbox
+            ctx.settings = model
+            if rewatch or new.watch != self._watchers[model.name].settings:
+                self._watch_stops[model.name].set()
+                self._watchers[model.name] = self._make_watcher(model)
+                self._run_watcher(model.name)
+                if model.name not in active:
+                    log.info("model.added", model=model.name, inbox=str(model.inbox))
+            try:
+                ctx.api_key = model.read_api_key()
+                register_secret(ctx.api_key)
+            except ConfigError as e:
+                log.error("model.key_unreadable", model=model.name, error=str(e))
+            if ctx.paused_reason is not None:
+                self._schedule_probe(ctx, 0.0)
+        log.info("config.reloaded", models=sorted(new_names))
+        self._notifier.send("READY=1", f"STATUS={self.summary()}")
+        return True
+
+    def _run_watcher(self, name: str) -> None:
+        stop = self._watch_stops[name] = asyncio.Event()
+        self._spawn(self._watchers[name].run(stop), f"watch-{name}")
 
     async def _shutdown(self, workers: list[asyncio.Task[None]]) -> None:
         for timer in self._timers:
@@ -147,8 +208,6 @@ class Service:
 
     # -- models -------------------------------------------------------------------------------------------------------
     def _start_model(self, model: ModelSettings) -> None:
-        for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):
-            folder.mkdir(parents=True, exist_ok=True)
         reason: str | None = None
         try:
             key = model.read_api_key()
@@ -165,7 +224,12 @@ class Service:
             # Paused by an earlier run: try the key again now rather than wait a whole interval.
             ctx.paused_reason = stored
             self._schedule_probe(ctx, 0.0)
-        self._watchers[model.name] = InboxWatcher(
+        self._watchers[model.name] = self._make_watcher(model)
+
+    def _make_watcher(self, model: ModelSettings) -> InboxWatcher:
+        for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):
+            folder.mkdir(parents=True, exist_ok=True)
+        return InboxWatcher(
             model.name,
             model.inbox,
             self.settings.watch,

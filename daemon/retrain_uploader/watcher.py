@@ -197,7 +197,7 @@ class InboxWatcher:
     ) -> None:
         self.model = model
         self.inbox = inbox
-        self._settings = settings
+        self.settings = settings
         self._on_candidate = on_candidate
         self._on_reject = on_reject
         self._is_taken = is_taken
@@ -217,7 +217,7 @@ class InboxWatcher:
             while not stop.is_set():
                 self._wake.clear()
                 await self.scan_once()
-                timeout = self._settings.rescan_s
+                timeout = self.settings.rescan_s
                 due = self._tracker.next_due(self._clock())
                 if due is not None:
                     timeout = min(timeout, due + 0.01)
@@ -267,8 +267,8 @@ class InboxWatcher:
                     recursive=False,
                     debounce=50,
                     step=20,
-                    force_polling=self._settings.force_polling,
-                    poll_delay_ms=self._settings.poll_delay_ms,
+                    force_polling=self.settings.force_polling,
+                    poll_delay_ms=self.settings.poll_delay_ms,
                     watch_filter=None,
                     ignore_permission_denied=True,
                 ):
@@ -277,4 +277,4 @@ class InboxWatcher:
                 # The periodic rescan still finds everything; try the watch again after a pause.
                 log.warning("inbox.watch_failed", model=self.model, error=str(e))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._settings.rescan_s)
+                    await asyncio.wait_for(stop.wait(), timeout=self.settings.rescan_s)
