@@ -153,8 +153,11 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     with ledger:
         try:
             restored = retry_job(settings, ledger, args.id)
-        except (KeyError, ValueError) as e:
-            print(f"retrain-uploader: cannot retry job {args.id}: {e.args[0]}", file=sys.stderr)
+        except KeyError:
+            print(f"retrain-uploader: cannot retry job {args.id}: no job {args.id} in the ledger", file=sys.stderr)
+            return EXIT_FAILURE
+        except ValueError as e:
+            print(f"retrain-uploader: cannot retry job {args.id}: {e}", file=sys.stderr)
             return EXIT_FAILURE
     for name in restored:
         print(f"restored {name}")
@@ -172,8 +175,11 @@ def _cmd_switch(args: argparse.Namespace) -> int:
     with ledger:
         try:
             message = asyncio.run(switch_job(settings, ledger, args.id))
-        except (KeyError, ValueError) as e:
-            print(f"retrain-uploader: cannot switch job {args.id}: {e.args[0]}", file=sys.stderr)
+        except KeyError:
+            print(f"retrain-uploader: cannot switch job {args.id}: no job {args.id} in the ledger", file=sys.stderr)
+            return EXIT_FAILURE
+        except ValueError as e:
+            print(f"retrain-uploader: cannot switch job {args.id}: {e}", file=sys.stderr)
             return EXIT_FAILURE
     print(message)
     return EXIT_OK

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import Settings
 from .emulator import Emulator
-from .ledger import Ledger
+from .ledger import AFTER_UPLOAD, Ledger
 from .service import Service
 
 __all__ = ["run_demo"]
@@ -75,7 +75,7 @@ async def _wait_closed(settings: Settings, expected: int) -> bool:
         with Ledger(settings.ledger.path) as ledger:
             jobs = ledger.jobs()
         if len(jobs) >= expected and all(job.closed for job in jobs):
-            return all(job.state == "uploaded" for job in jobs)
+            return all(job.state in AFTER_UPLOAD for job in jobs)
         await asyncio.sleep(0.1)  # polling a condition, with a deadline
     return False
 
@@ -84,10 +84,10 @@ def _show(settings: Settings, emulator: Emulator) -> None:
     with Ledger(settings.ledger.path) as ledger:
         jobs = ledger.jobs()
     print("\nledger:")
-    print(f"  {'id':>3}  {'state':<9} {'upload_filename':<24} {'retrain_job_id':<38} {'bytes':>7}  moved to")
+    print(f"  {'id':>3}  {'state':<10} {'upload_filename':<24} {'retrain_job_id':<38} {'bytes':>7}  moved to")
     for job in jobs:
         print(
-            f"  {job.id:>3}  {job.state:<9} {job.upload_filename:<24} {job.retrain_job_id or '-':<38} "
+            f"  {job.id:>3}  {job.state:<10} {job.upload_filename:<24} {job.retrain_job_id or '-':<38} "
             f"{job.size_bytes or 0:>7}  {', '.join(job.moved_to)}"
         )
         if job.error:

@@ -206,15 +206,22 @@ class Ledger:
         self.close()
 
     def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            msg = f"{self.path}: schema version {version} is newer than this program ({SCHEMA_VERSION}); upgrade it"
-            raise RuntimeError(msg)
-        for number in range(version, SCHEMA_VERSION):
+        # Each step re-reads the version inside its write transaction: a CLI command opening the ledger while the
+        # daemon creates it must not apply the same migration twice.
+        while True:
             with self._tx():
-                for statement in _split_sql(_MIGRATIONS[number]):
+                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                if version > SCHEMA_VERSION:
+                    msg = (
+                        f"{self.path}: schema version {version} is newer than this program ({SCHEMA_VERSION});"
+                        " upgrade it"
+                    )
+                    raise RuntimeError(msg)
+                if version == SCHEMA_VERSION:
+                    return
+                for statement in _split_sql(_MIGRATIONS[version]):
                     self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number + 1}")
+                self._db.execute(f"PRAGMA user_version = {version + 1}")
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
