@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -236,3 +237,49 @@ async def test_check_config_online_creates_no_job(tmp_path: Path, emulator: Emul
     assert b"not-a-key-999" not in out + err
     assert {r.endpoint for r in emulator.requests} == {"status"}
     assert emulator.jobs == {}
+
+
+async def test_log_file_follows_logrotate(tmp_path: Path, emulator: Emulator) -> None:
+    key = tmp_path / "alpha.key"
+    key.write_text("key-alpha-0001")
+    inbox = tmp_path / "in"
+    config = write_config(
+        tmp_path / "c.toml", emulator.base_url, [{"name": "alpha", "inbox": str(inbox), "api_key_file": str(key)}]
+    )
+    log_file = tmp_path / "log" / "daemon.log"
+    config.write_text(config.read_text().replace("[pool]", f'[logging]\nfile = "{log_file}"\n[pool]'))
+    ledger = tmp_path / "state" / "ledger.sqlite3"
+    proc = await start(config, tmp_path)
+    try:
+        drop(inbox, "one.csv", CSV)
+        await wait_for(lambda: uploaded(ledger, "alpha") == 1, what="first upload")
+        log_file.rename(log_file.with_suffix(".log.1"))  # what logrotate does (without copytruncate)
+        drop(inbox, "two.csv", CSV + "3,c\n")
+        await wait_for(lambda: uploaded(ledger, "alpha") == 2, what="second upload")
+        await wait_for(lambda: log_file.exists() and "two.csv" in log_file.read_text(), what="new log file")
+    finally:
+        assert await finish(proc) == 0
+    rotated = log_file.with_suffix(".log.1").read_text()
+    assert "one.csv" in rotated and "two.csv" not in rotated
+    assert all(json.loads(line)["event"] for line in log_file.read_text().splitlines())
+    assert "key-alpha-0001" not in rotated + log_file.read_text()
+
+
+async def test_prometheus_endpoint(start_daemon, emulator: Emulator) -> None:
+    emulator.inject("upload_url", "http_status", status=503)
+    d = await start_daemon(metrics={"enabled": True, "port": 0})
+    assert d.service.metrics_port
+    drop(d.inbox(), "m.csv", CSV)
+    await d.closed_jobs(1)
+    url = f"http://127.0.0.1:{d.service.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    lines = set(text.splitlines())
+    assert 'retrain_uploader_files_seen_total{model="alpha"} 1' in lines
+    assert 'retrain_uploader_uploads_total{model="alpha"} 1' in lines
+    assert f'retrain_uploader_upload_bytes_total{{model="alpha"}} {len(CSV)}' in lines
+    assert 'retrain_uploader_retries_total{model="alpha",state="requesting"} 1' in lines
+    assert 'retrain_uploader_model_paused{model="beta"} 0' in lines
+    assert 'retrain_uploader_upload_duration_seconds_count{model="alpha"} 1' in lines
+    assert any(line.startswith('retrain_uploader_jobs{model="alpha",state=') for line in lines)

@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="config file (default: $RETRAIN_UPLOADER_CONFIG, else /etc/retrain-uploader/config.toml)",
     )
-    common.add_argument("--log-level", default=os.environ.get("RETRAIN_UPLOADER_LOG_LEVEL", "info"))
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("RETRAIN_UPLOADER_LOG_LEVEL"),
+        choices=["debug", "info", "warning", "error"],
+        help="default: $RETRAIN_UPLOADER_LOG_LEVEL, else [logging] level from the config (run), else info",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
@@ -64,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure(level=args.log_level)
+    configure(level=args.log_level or "info")
     handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
         return handler(args)
@@ -83,6 +88,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .service import Service
 
     settings = _settings(args)
+    configure(level=args.log_level or settings.logging.level, file=settings.logging.file)
     _warn_permissions(settings)
     try:
         return asyncio.run(Service(settings).run())

@@ -9,7 +9,7 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -94,6 +94,18 @@ class StatusSettings(_Section):
     download_result: bool = True
 
 
+class MetricsSettings(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"  # loopback: put a reverse proxy in front to expose it
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # Also write JSON lines to this file (reopened when logrotate moves it away). stderr always gets them.
+    file: Path | None = None
+
+
 class ModelSettings(_Section):
     name: Annotated[str, Field(pattern=_NAME_PATTERN)]
     inbox: Path
@@ -152,6 +164,8 @@ class Settings(_Section):
     pool: PoolSettings = PoolSettings()
     packaging: PackagingSettings = PackagingSettings()
     status: StatusSettings = StatusSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
     models: Annotated[tuple[ModelSettings, ...], Field(min_length=1)]
     source: Path | None = None
 
@@ -227,6 +241,8 @@ def _absolutize(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             if key in ledger:
                 ledger[key] = fix(ledger[key])
         out["ledger"] = ledger
+    if isinstance(out.get("logging"), dict) and "file" in out["logging"]:
+        out["logging"] = {**out["logging"], "file": fix(out["logging"]["file"])}
     if isinstance(out.get("models"), list):
         models = []
         for m in out["models"]:

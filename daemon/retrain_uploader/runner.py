@@ -20,6 +20,7 @@ from . import checks, packager
 from .client import ApiError, Client, SourceChanged, TransportError, UploadTicket
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
+from .metrics import Metrics
 from .mover import apply_moves, plan_moves, write_error_file
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .redact import scrub
@@ -91,8 +92,10 @@ class Runner:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.ledger = ledger
         self.client = client
         self._monotonic = monotonic
@@ -301,6 +304,7 @@ class Runner:
             detail={"confirmed_by_status": confirmed_by_status},
         )
         self.ledger.note_model(model.name, success=True)
+        self.metrics.uploaded(model.name, job.size_bytes or 0, duration_s)
         log.info(
             "upload.finished",
             model=model.name,
@@ -377,6 +381,7 @@ class Runner:
             delay_s=round(delay, 3),
             error=reason,
         )
+        self.metrics.retry(job.model, str(job.state))
         return RetryLater(delay), job
 
     def _fail(self, job: Job, reason: str, hint: str) -> Job:

@@ -24,6 +24,7 @@ from .admin import PROBE_JOB_ID
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import Ledger, State
+from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .policy import CREDENTIAL_MESSAGES
 from .redact import register_secret
@@ -66,6 +67,8 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._busy = 0
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
         self.ledger: Ledger
         self.runner: Runner
         self.tracker: RetrainTracker
@@ -80,7 +83,9 @@ class Service:
             request_timeout_s=self.settings.api.request_timeout_s,
             upload_read_timeout_s=self.settings.api.upload_read_timeout_s,
         )
-        self.runner = Runner(self.settings, self.ledger, client, monotonic=self._monotonic, rng=self._rng)
+        self.runner = Runner(
+            self.settings, self.ledger, client, monotonic=self._monotonic, rng=self._rng, metrics=self.metrics
+        )
         self.tracker = RetrainTracker(
             self.settings, self.ledger, client, self.models, on_pause=self._pause, monotonic=self._monotonic
         )
@@ -90,7 +95,17 @@ class Service:
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         workers: list[asyncio.Task[None]] = []
+        exporter: MetricsServer | None = None
         try:
+            if self.settings.metrics.enabled:
+                exporter = MetricsServer(
+                    self.metrics,
+                    self._metrics_snapshot,
+                    host=self.settings.metrics.host,
+                    port=self.settings.metrics.port,
+                )
+                await exporter.start()
+                self.metrics_port = exporter.port
             for model in self.settings.models:
                 self._start_model(model)
             self._recover()
@@ -116,6 +131,8 @@ class Service:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
                 loop.remove_signal_handler(signal.SIGHUP)
+            if exporter is not None:
+                await exporter.stop()
             await client.close()
             self.ledger.close()
             self._notifier.close()
@@ -298,6 +315,7 @@ class Service:
         )
         for name in candidate.sources:
             self._taken[(model, name)] = job.id
+        self.metrics.file_seen(model, len(candidate.sources))
         log.info(
             "job.queued",
             model=model,
@@ -408,6 +426,10 @@ class Service:
         self._notify_status()
 
     # -- reporting ----------------------------------------------------------------------------------------------------
+    def _metrics_snapshot(self) -> tuple[dict[str, dict[str, int]], dict[str, bool]]:
+        paused = {name: ctx.paused_reason is not None for name, ctx in self.models.items()}
+        return self.ledger.counts(), paused
+
     def summary(self) -> str:
         paused = sorted(name for name, ctx in self.models.items() if ctx.paused_reason)
         text = f"{self._queue.qsize()} queued, {self._busy} in flight, {len(self._active)} open"
