@@ -268,3 +268,33 @@ async def test_a_file_still_being_written_is_not_taken(start_daemon, emulator: E
 async def test_shutdown_is_clean(start_daemon) -> None:
     d = await start_daemon()
     assert await d.stop() == 0
+
+
+async def test_a_file_changed_after_its_check_is_checked_again_before_any_complete_put(
+    start_daemon, emulator: Emulator
+) -> None:
+    emulator.inject("upload_url", "slow", delay_s=0.5)
+    d = await start_daemon()
+    path = drop(d.inbox(), "a.csv", CSV)
+    await wait_for(lambda: any(r.endpoint == "upload_url" for r in emulator.requests), what="step 1 under way")
+    with open(path, "a") as f:  # the user's export tool writes again while the URL is being fetched
+        f.write("9,99,basic\n")
+    [job] = await d.closed_jobs(1)
+    assert job.state in SENT
+    assert job.sha256 == sha(CSV + "9,99,basic\n")
+    assert [u.sha256 for u in emulator.uploads] == [job.sha256]  # the old bytes never completed a PUT
+    assert any("changed after it was checked" in (e["detail"] or {}).get("error", "") for e in d.events(job.id))
+
+
+async def test_a_file_deleted_after_its_check_fails_cleanly(start_daemon, emulator: Emulator) -> None:
+    emulator.inject("upload_url", "slow", delay_s=0.5)
+    d = await start_daemon()
+    path = drop(d.inbox(), "gone.csv", CSV)
+    await wait_for(lambda: any(r.endpoint == "upload_url" for r in emulator.requests), what="step 1 under way")
+    path.unlink()
+    [job] = await d.closed_jobs(1)
+    assert job.state is State.FAILED
+    assert "disappeared from the inbox" in (job.error or "")
+    assert emulator.uploads == []
+    report = json.loads((d.inbox() / "failed" / "gone.error.json").read_text())
+    assert report["missing"] == ["gone.csv"]

@@ -129,7 +129,12 @@ class _FilePayload(aiohttp.payload.Payload):
         digest = hashlib.sha256()
         remaining = self._length
         held: bytes = b""
-        async with aiofiles.open(self._path, "rb") as f:
+        try:
+            f = await aiofiles.open(self._path, "rb")
+        except OSError as e:  # the file was removed or replaced since it was checked: check it again
+            msg = f"{self._path.name} cannot be read any more ({e.strerror}); upload aborted"
+            raise SourceChanged(msg) from e
+        try:
             while remaining > 0:
                 chunk = await f.read(min(_CHUNK, remaining))
                 if not chunk:
@@ -143,6 +148,8 @@ class _FilePayload(aiohttp.payload.Payload):
             if remaining != 0 or digest.hexdigest() != self._sha256 or await f.read(1):
                 msg = f"{self._path.name} changed after it was checked; upload aborted before completion"
                 raise SourceChanged(msg)
+        finally:
+            await f.close()
         if held:
             await writer.write(held)
             self.sent += len(held)

@@ -407,9 +407,10 @@ class Service:
         try:
             outcome = await self.runner.process(job_id, ctx)
         except Exception:
-            # A bug, not a bad file: keep the job for the next start rather than lose it, and keep the worker.
-            log.exception("job.crashed", model=job.model, job_id=job_id)
-            self._active.discard(job_id)
+            # Not a bad file (those fail their job): a bug, or the inbox became unwritable while moving. Keep the job
+            # and the worker, and try again later; the ledger still says where the job stood.
+            log.exception("job.crashed", model=job.model, job_id=job_id, retry_in_s=self.settings.retry.max_delay_s)
+            self._later(self.settings.retry.max_delay_s, lambda: self._enqueue(job_id))
             return
         if isinstance(outcome, RetryLater):
             self._later(outcome.delay_s, lambda: self._enqueue(job_id))
