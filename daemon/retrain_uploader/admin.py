@@ -12,7 +12,7 @@ from typing import Any
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, Settings
 from .ledger import Ledger, State
-from .policy import CREDENTIAL_MESSAGES
+from .policy import is_credential_error
 from .watcher import is_ignored
 
 __all__ = ["PROBE_JOB_ID", "check_keys_online", "collect", "render", "retry_job", "switch_job"]
@@ -165,7 +165,7 @@ async def check_keys_online(settings: Settings) -> list[str]:
             except ConfigError as e:
                 problems.append(str(e))
             except ApiError as e:
-                if e.message.strip() in CREDENTIAL_MESSAGES or e.http_status in (401, 403):
+                if is_credential_error(e):
                     problems.append(f"models.{model.name}: the API rejected the key: {e.message}")
                 elif e.message.strip() != "Not found retrain job.":
                     problems.append(f"models.{model.name}: unexpected answer: {e.describe()}")

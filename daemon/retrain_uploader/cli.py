@@ -148,9 +148,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_retry(args: argparse.Namespace) -> int:
-    from .admin import retry_job
-
+def _on_job(args: argparse.Namespace, verb: str, action: Callable[[Settings, Ledger, int], list[str]]) -> int:
+    """Run ``action`` on job ``args.id``; a missing ledger or job, or a refusal, is one clear line and exit 1."""
     settings = _settings(args)
     ledger = _open_ledger(settings)
     if ledger is None:
@@ -158,37 +157,28 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     with ledger:
         try:
-            restored = retry_job(settings, ledger, args.id)
+            lines = action(settings, ledger, args.id)
         except KeyError:
-            print(f"retrain-uploader: cannot retry job {args.id}: no job {args.id} in the ledger", file=sys.stderr)
+            print(f"retrain-uploader: cannot {verb} job {args.id}: no job {args.id} in the ledger", file=sys.stderr)
             return EXIT_FAILURE
         except ValueError as e:
-            print(f"retrain-uploader: cannot retry job {args.id}: {e}", file=sys.stderr)
+            print(f"retrain-uploader: cannot {verb} job {args.id}: {e}", file=sys.stderr)
             return EXIT_FAILURE
-    for name in restored:
-        print(f"restored {name}")
+    for line in lines:
+        print(line)
     return EXIT_OK
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from .admin import retry_job
+
+    return _on_job(args, "retry", lambda s, ledger, i: [f"restored {name}" for name in retry_job(s, ledger, i)])
 
 
 def _cmd_switch(args: argparse.Namespace) -> int:
     from .admin import switch_job
 
-    settings = _settings(args)
-    ledger = _open_ledger(settings)
-    if ledger is None:
-        print(f"retrain-uploader: no ledger at {settings.ledger.path}", file=sys.stderr)
-        return EXIT_FAILURE
-    with ledger:
-        try:
-            message = asyncio.run(switch_job(settings, ledger, args.id))
-        except KeyError:
-            print(f"retrain-uploader: cannot switch job {args.id}: no job {args.id} in the ledger", file=sys.stderr)
-            return EXIT_FAILURE
-        except ValueError as e:
-            print(f"retrain-uploader: cannot switch job {args.id}: {e}", file=sys.stderr)
-            return EXIT_FAILURE
-    print(message)
-    return EXIT_OK
+    return _on_job(args, "switch", lambda s, ledger, i: [asyncio.run(switch_job(s, ledger, i))])
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

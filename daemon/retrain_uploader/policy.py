@@ -17,6 +17,7 @@ __all__ = [
     "Verdict",
     "backoff_delay",
     "classify",
+    "is_credential_error",
 ]
 
 # Messages that mean "this model's key (or the model, or its owner) is unusable": every file of the model would fail
@@ -74,6 +75,11 @@ def classify(error: BaseException) -> Verdict:
     return Fail(f"{type(error).__name__}: {error}")
 
 
+def is_credential_error(error: ApiError) -> bool:
+    """The key, the model or its owner is unusable (documented messages, or a plain 401/403 from the API)."""
+    return error.endpoint != "put" and (error.message.strip() in CREDENTIAL_MESSAGES or error.http_status in (401, 403))
+
+
 def _classify_api(error: ApiError) -> Verdict:
     status = error.http_status
     if error.endpoint == "put":
@@ -82,7 +88,7 @@ def _classify_api(error: ApiError) -> Verdict:
         if status in (408, 429) or status >= 500:
             return Retry(error.describe(), error.retry_after)
         return Fail(error.describe())
-    if error.message.strip() in CREDENTIAL_MESSAGES or status in (401, 403):
+    if is_credential_error(error):
         return Pause(error.describe())
     if status in (408, 429) or status >= 500:
         return Retry(error.describe(), error.retry_after)

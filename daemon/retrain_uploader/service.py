@@ -26,7 +26,7 @@ from .config import ConfigError, ModelSettings, Settings
 from .ledger import Ledger, State
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
-from .policy import CREDENTIAL_MESSAGES
+from .policy import is_credential_error
 from .redact import register_secret
 from .runner import Closed, ModelContext, Parked, RetryLater, Runner
 from .tracker import RetrainTracker
@@ -292,7 +292,7 @@ class Service:
         try:
             await self.runner.client.get_status(ctx.api_key, PROBE_JOB_ID)
         except ApiError as e:
-            if e.message.strip() in CREDENTIAL_MESSAGES or e.http_status in (401, 403):
+            if is_credential_error(e):
                 log.warning("model.still_paused", model=ctx.name, error=e.describe())
                 self._schedule_probe(ctx, self.settings.retry.paused_retry_s)
                 return
