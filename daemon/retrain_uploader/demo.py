@@ -45,6 +45,7 @@ async def run_demo(*, once: bool, workdir: Path | None = None) -> int:
                     "watch": {"settle_s": 0.5, "rescan_s": 5},
                     "retry": {"base_delay_s": 0.2, "max_delay_s": 2},
                     "pool": {"workers": 2, "shutdown_grace_s": 5},
+                    "status": {"poll_s": 0.5},
                     "models": [{"name": "demo", "inbox": str(inbox), "api_key_file": str(key_file)}],
                 }
             )
@@ -57,6 +58,9 @@ async def run_demo(*, once: bool, workdir: Path | None = None) -> int:
                 print(f"dropped {sample.name}")
             expected = len([s for s in samples if not s.name.endswith(".eval.csv")])
             ok = await _wait_closed(settings, expected)
+            if ok:
+                print("uploaded; waiting for the emulator's retraining to finish and the results to download…")
+                await _wait_results(settings)
             _show(settings, emulator)
             if not once:
                 print(f"\nThe daemon keeps running: drop more CSVs into {inbox} (Ctrl-C to stop).")
@@ -80,6 +84,15 @@ async def _wait_closed(settings: Settings, expected: int) -> bool:
     return False
 
 
+async def _wait_results(settings: Settings) -> None:
+    deadline = time.monotonic() + _TIMEOUT_S
+    while time.monotonic() < deadline:
+        with Ledger(settings.ledger.path) as ledger:
+            if all(job.result_path for job in ledger.jobs()):
+                return
+        await asyncio.sleep(0.1)  # polling a condition, with a deadline
+
+
 def _show(settings: Settings, emulator: Emulator) -> None:
     with Ledger(settings.ledger.path) as ledger:
         jobs = ledger.jobs()
@@ -90,6 +103,8 @@ def _show(settings: Settings, emulator: Emulator) -> None:
             f"  {job.id:>3}  {job.state:<10} {job.upload_filename:<24} {job.retrain_job_id or '-':<38} "
             f"{job.size_bytes or 0:>7}  {', '.join(job.moved_to)}"
         )
+        if job.result_path:
+            print(f"       retraining {job.retrain_status}, model_id {job.model_id}, result in {job.result_path}")
         if job.error:
             print(f"       error: {job.error}")
     print(f"\nthe emulator received {len(emulator.uploads)} upload(s):")
