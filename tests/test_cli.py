@@ -495,7 +495,10 @@ async def test_emulator_command_serves_on_its_port_and_stops_on_sigterm(tmp_path
 async def test_demo_once_uploads_the_samples_and_prints_the_ledger(tmp_path: Path) -> None:
     result = await cli("demo", "--once", "--dir", tmp_path / "demo", timeout=50)
     assert result.code == 0, result
-    ledger = result.out.split("\nledger:\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]  # after the header line
+    rows = result.out.split("\nledger:\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]  # after the header line
+    ledger = [line for line in rows if not line.startswith("       ")]  # job rows; indented lines are results
     assert len(ledger) == 3 and all(line.split()[1] in SENT for line in ledger), result.out
+    results = [line for line in rows if line.startswith("       retraining job_finished")]
+    assert len(results) == 3 and all("result in done/" in line for line in results), result.out
     assert {line.split()[2] for line in ledger} == {"churn.csv", "sales-2026-11.zip", "来店予測.csv"}
     assert "the emulator received 3 upload(s)" in result.out
