@@ -22,7 +22,7 @@ from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
 from .mover import apply_moves, plan_moves, write_error_file
-from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
+from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify, is_credential_error
 from .redact import scrub
 from .watcher import DONE_DIR, FAILED_DIR
 
@@ -74,6 +74,14 @@ _HINTS = {
 }
 
 
+# Status checks that may fail in a row, around one PUT, before the daemon proceeds without their answer.
+_STATUS_TRIES = 4
+
+
+class _GiveUpOnStatus(Exception):
+    """The status check kept failing: proceed without it (and say so)."""
+
+
 class _Failed(Exception):
     def __init__(self, reason: str, hint: str) -> None:
         super().__init__(reason)
@@ -101,6 +109,7 @@ class Runner:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
+        self._status_failures: dict[int, int] = {}
 
     async def process(self, job_id: int, model: ModelContext) -> Outcome:
         """Advance the job as far as it can go now."""
@@ -239,6 +248,21 @@ class Runner:
                 event="state",
                 detail={"state": "requesting", "why": "no usable upload URL"},
             )
+        if job.status_before_put is None:
+            # Without a baseline a lost PUT answer could not be told from a lost upload: get one first.
+            try:
+                before = await self._status_or_retry(job, model, "the status baseline before the PUT failed")
+            except _GiveUpOnStatus as e:
+                log.warning(
+                    "upload.baseline_unavailable",
+                    model=model.name,
+                    job_id=job.id,
+                    retrain_job_id=job.retrain_job_id,
+                    error=scrub(str(e)),
+                    action="uploading without one",
+                )
+            else:
+                job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
         path = self._package_path(job, model)
         job = self.ledger.update(job.id, put_started=1)  # committed before the first byte leaves
         started = self._monotonic()
@@ -255,40 +279,60 @@ class Runner:
         return self._uploaded(job, model, duration_s=self._monotonic() - started)
 
     async def _put_arrived(self, job: Job, model: ModelContext) -> bool:
-        """After a PUT whose answer was lost: did its body arrive? Decided by comparing the remote status."""
+        """After a PUT whose answer was lost: did its body arrive? Decided by comparing the remote status.
+
+        A failing status check is asked again later (the job retries with backoff) rather than answered with a
+        second, paid upload; only after ``_STATUS_TRIES`` failures in a row does the daemon upload again, and it says
+        that this may be a repeat.
+        """
         assert job.retrain_job_id is not None
-        if job.status_before_put is not None:
-            try:
-                now = await self.client.get_status(model.api_key, job.retrain_job_id)
-            except (TransportError, ApiError) as e:
-                log.warning(
-                    "upload.outcome_unknown",
-                    model=model.name,
-                    job_id=job.id,
-                    retrain_job_id=job.retrain_job_id,
-                    error=str(e),
-                    action="uploading again; may be a repeat",
-                )
-                return False
-            if now.status != job.status_before_put:
-                return True
-            log.info(
-                "upload.not_arrived",
+        if job.status_before_put is None:
+            self._outcome_unknown(job, model, "no status baseline was recorded")
+            return False
+        try:
+            now = await self._status_or_retry(job, model, "the status check after a lost PUT answer failed")
+        except _GiveUpOnStatus as e:
+            self._outcome_unknown(job, model, str(e))
+            return False
+        if now != job.status_before_put:
+            return True
+        log.info("upload.not_arrived", model=model.name, job_id=job.id, retrain_job_id=job.retrain_job_id, status=now)
+        return False
+
+    async def _status_or_retry(self, job: Job, model: ModelContext, what: str) -> str:
+        """The job's remote status. A failure propagates (the job is retried, or its model paused) until it has
+        failed ``_STATUS_TRIES`` times in a row for this job; then :class:`_GiveUpOnStatus`."""
+        assert job.retrain_job_id is not None
+        try:
+            status = (await self.client.get_status(model.api_key, job.retrain_job_id)).status
+        except (TransportError, ApiError) as e:
+            failures = self._status_failures.get(job.id, 0) + 1
+            self._status_failures[job.id] = failures
+            if failures >= _STATUS_TRIES and not (isinstance(e, ApiError) and is_credential_error(e)):
+                self._status_failures.pop(job.id, None)
+                raise _GiveUpOnStatus(f"{what} {failures} times; last: {e}") from e
+            log.warning(
+                "upload.status_check_failed",
                 model=model.name,
                 job_id=job.id,
                 retrain_job_id=job.retrain_job_id,
-                status=now.status,
+                error=str(e),
+                attempt=failures,
+                action="asking again later",
             )
-            return False
+            raise
+        self._status_failures.pop(job.id, None)
+        return status
+
+    def _outcome_unknown(self, job: Job, model: ModelContext, why: str) -> None:
         log.warning(
             "upload.outcome_unknown",
             model=model.name,
             job_id=job.id,
             retrain_job_id=job.retrain_job_id,
-            error="no status baseline was recorded",
+            error=scrub(why),
             action="uploading again; may be a repeat",
         )
-        return False
 
     def _uploaded(
         self, job: Job, model: ModelContext, *, duration_s: float | None = None, confirmed_by_status: bool = False
