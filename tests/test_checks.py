@@ -26,9 +26,9 @@ from retrain_uploader.checks import (
     check_csv,
     check_csv_stream,
     check_same_header,
-    check_zip,
     open_regular,
 )
+from retrain_uploader.zipcheck import check_zip
 
 SMALL_CHUNKS = [1, 7, 64, 1 << 20]
 

@@ -15,7 +15,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import CsvReport, check_csv, check_csv_stream, check_same_header, check_zip, open_regular
+from .checks import CsvReport, check_csv, check_csv_stream, check_same_header, open_regular
+from .zipcheck import check_zip
 
 __all__ = ["Package", "clean_staging", "package_csv", "package_pair", "package_zip", "sha256_file"]
 

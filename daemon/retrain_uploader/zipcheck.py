@@ -1,0 +1,124 @@
+"""Checks of a zip the user dropped: the spec's layout, zip-bomb limits, each CSV member, equal headers."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .checks import CsvReport, InputError, check_csv_stream, check_same_header, excerpt, open_regular
+
+__all__ = ["ZipReport", "check_zip"]
+
+_FOLDERS = ("train_src", "eval_src")
+_HOW_TO_ZIP = "the zip may hold only train_src/<training>.csv and, optionally, eval_src/<evaluation>.csv"
+
+
+@dataclass(frozen=True, slots=True)
+class ZipReport:
+    size_bytes: int
+    sha256: str
+    train_member: str
+    eval_member: str | None
+    train: CsvReport
+    eval: CsvReport | None
+
+
+
+def check_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: int = 64 << 30) -> ZipReport:
+    """Check a user-made zip: spec layout, zip-bomb limits, each CSV member, equal headers; hash the zip.
+
+    Layout: ``train_src/<one .csv>`` (required), optionally ``eval_src/<one .csv>``, and the two folder
+    entries; nothing else. Sizes are the ones the zip declares; zipfile never inflates a member past its
+    declared size. Members are checked first, then the zip's own bytes are hashed (a second, sequential
+    read of the compressed file).
+    """
+    with open_regular(path) as f:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                members = _layout(zf, path.name, max_ratio, max_uncompressed_bytes)
+                reports = {folder: _check_member(zf, info, path.name) for folder, info in members.items()}
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            msg = f"{path.name}: not a valid zip file, or corrupt ({e}); create it again and drop it again"
+            raise InputError(msg) from e
+        train, eval_ = reports["train_src"], reports.get("eval_src")
+        if eval_ is not None:
+            check_same_header(train, eval_, train_name=_member_name(members["train_src"]),
+                              eval_name=_member_name(members["eval_src"]))
+        f.seek(0)
+        size, digest = _sha256_of(f)
+    eval_info = members.get("eval_src")
+    return ZipReport(size_bytes=size, sha256=digest, train_member=_member_name(members["train_src"]),
+                     eval_member=None if eval_info is None else _member_name(eval_info),
+                     train=train, eval=eval_)
+
+
+def _sha256_of(f: IO[bytes], chunk_size: int = 1 << 20) -> tuple[int, str]:
+    hasher, size = hashlib.sha256(), 0
+    while chunk := f.read(chunk_size):
+        hasher.update(chunk)
+        size += len(chunk)
+    return size, hasher.hexdigest()
+
+
+def _layout(zf: zipfile.ZipFile, name: str, max_ratio: float, max_total: int) -> dict[str, zipfile.ZipInfo]:
+    found: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in zf.infolist():
+        member = _member_name(info)
+        parts = member.split("/")
+        if "\\" in member or member.startswith("/") or ".." in parts or member[1:2] == ":":
+            msg = f"{name}: entry {excerpt(member)} has an unsafe path (absolute, .. or \\); {_HOW_TO_ZIP}"
+            raise InputError(msg)
+        if info.is_dir() and len(parts) == 2 and parts[0] in _FOLDERS and not parts[1]:
+            continue
+        is_csv = len(parts) == 2 and parts[0] in _FOLDERS and parts[1].lower().endswith(".csv")
+        if info.is_dir() or not is_csv:
+            raise InputError(f"{name}: unexpected entry {excerpt(member)}; {_HOW_TO_ZIP}")
+        if parts[0] in found:
+            msg = (f"{name}: more than one CSV in {parts[0]}/ ({excerpt(_member_name(found[parts[0]]))}, "
+                   f"{excerpt(member)}); keep exactly one CSV per folder")
+            raise InputError(msg)
+        if info.flag_bits & 0x1:
+            msg = f"{name}: entry {excerpt(member)} is encrypted; create the zip without a password"
+            raise InputError(msg)
+        ratio = info.file_size / max(info.compress_size, 1)
+        if ratio > max_ratio:
+            msg = (f"{name}: entry {excerpt(member)} expands {ratio:.0f} times (limit {max_ratio:g}), "
+                   "refused as a possible zip bomb; upload the CSV itself instead of a zip")
+            raise InputError(msg)
+        total += info.file_size
+        found[parts[0]] = info
+    if total > max_total:
+        msg = (f"{name}: the CSVs inside expand to {total} bytes, more than the limit of {max_total}; "
+               "split the data or raise the limit")
+        raise InputError(msg)
+    if "train_src" not in found:
+        raise InputError(f"{name}: no train_src/<file>.csv entry; {_HOW_TO_ZIP}")
+    return found
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """Entry name as typed: without the UTF-8 flag zipfile reads cp437, but such names are UTF-8 or cp932."""
+    if info.flag_bits & 0x800 or info.filename.isascii():
+        return info.filename
+    raw = info.filename.encode("cp437")
+    for encoding in ("utf-8", "cp932"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return info.filename
+
+
+def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> CsvReport:
+    member = f"{name}:{_member_name(info)}"
+    try:
+        with zf.open(info) as raw:
+            return check_csv_stream(raw, name=member)
+    except (NotImplementedError, RuntimeError) as e:  # unsupported compression method, password needed
+        msg = f"{member}: cannot be read ({e}); create the zip again with normal (deflate) compression"
+        raise InputError(msg) from e
