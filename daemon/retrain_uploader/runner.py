@@ -18,13 +18,12 @@ import structlog
 
 from . import checks, packager
 from .client import ApiError, Client, SourceChanged, TransportError, UploadTicket
+from .closer import close_job, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
-from .mover import apply_moves, plan_moves, write_error_file
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify, is_credential_error
 from .redact import scrub
-from .watcher import DONE_DIR, FAILED_DIR
 
 __all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner"]
 
@@ -140,7 +139,7 @@ class Runner:
     async def _package(self, job: Job, model: ModelContext) -> Job:
         if job.state is not State.PACKAGING:
             job = self.ledger.update(job.id, state=State.PACKAGING, event="state", detail={"state": "packaging"})
-        self._drop_temporary(job)
+        drop_staged(job)
         started = self._monotonic()
         try:
             pkg = await asyncio.to_thread(self._build, job, model)
@@ -451,50 +450,7 @@ class Runner:
 
     # -- closing ------------------------------------------------------------------------------------------------------
     def _close(self, job: Job, model: ModelContext) -> None:
-        """Move the sources to done/ or failed/ (with the error file), drop the staging zip, close the job."""
-        if job.closed:
-            return
-        failed = job.state is State.FAILED
-        if not job.moved_to:
-            targets = plan_moves(
-                model.inbox,
-                job.sources,
-                FAILED_DIR if failed else DONE_DIR,
-                job_id=job.id,
-                error_stem=job.name if failed else None,
-            )
-            job = self.ledger.update(job.id, moved_to=targets)
-        missing = apply_moves(model.inbox, job.sources, job.moved_to)
-        if failed:
-            write_error_file(model.inbox / job.moved_to[-1], self._error_content(job, missing))
-        self._drop_temporary(job)
-        self.ledger.update(job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to)})
-        log.info(
-            "job.closed",
-            model=model.name,
-            job_id=job.id,
-            state=str(job.state),
-            moved_to=list(job.moved_to),
-            missing=missing or None,
-        )
-
-    def _error_content(self, job: Job, missing: list[str]) -> dict[str, Any]:
-        failed_event = next((e for e in reversed(self.ledger.events(job.id)) if e["event"] == "failed"), None)
-        detail = failed_event["detail"] if failed_event else {}
-        return {
-            "job_id": job.id,
-            "model": job.model,
-            "sources": list(job.sources),
-            "moved_to": list(job.moved_to[: len(job.sources)]),
-            "missing": missing,
-            "upload_filename": job.upload_filename,
-            "failed_at_state": detail.get("at_state"),
-            "error": job.error,
-            "what_to_do": detail.get("hint") or _HINTS["api"].format(id=job.id),
-            "retrain_job_id": job.retrain_job_id,
-            "sha256": job.sha256,
-            "failed_at": job.updated_at,
-        }
+        close_job(self.ledger, job, model.inbox)
 
     def reject(self, model: ModelContext, name: str, reason: str) -> Job:
         """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it."""
@@ -505,11 +461,3 @@ class Runner:
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:
         return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]
-
-    def _drop_temporary(self, job: Job) -> None:
-        if job.package_path:
-            Path(job.package_path).unlink(missing_ok=True)
-            Path(job.package_path + ".part").unlink(missing_ok=True)
-
-    def forget(self, job_id: int) -> None:
-        self._tickets.pop(job_id, None)

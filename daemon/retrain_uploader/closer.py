@@ -1,0 +1,76 @@
+"""Closing a job: its sources renamed to done/ or failed/ (with the error file), its staging zip removed.
+
+Idempotent: the targets are stored in the ledger before the first rename, so closing again after a crash finishes
+the same moves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .ledger import Job, Ledger, State
+from .mover import apply_moves, plan_moves, write_error_file
+from .watcher import DONE_DIR, FAILED_DIR
+
+__all__ = ["close_job", "drop_staged"]
+
+log = structlog.get_logger("retrain_uploader.closer")
+
+
+def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
+    """Move the sources out of ``inbox``, write the error file of a failed job, mark the job closed."""
+    if job.closed:
+        return job
+    failed = job.state is State.FAILED
+    if not job.moved_to:
+        targets = plan_moves(
+            inbox,
+            job.sources,
+            FAILED_DIR if failed else DONE_DIR,
+            job_id=job.id,
+            error_stem=job.name if failed else None,
+        )
+        job = ledger.update(job.id, moved_to=targets)
+    missing = apply_moves(inbox, job.sources, job.moved_to)
+    if failed:
+        write_error_file(inbox / job.moved_to[-1], _error_content(ledger, job, missing))
+    drop_staged(job)
+    job = ledger.update(job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to)})
+    log.info(
+        "job.closed",
+        model=job.model,
+        job_id=job.id,
+        state=str(job.state),
+        moved_to=list(job.moved_to),
+        missing=missing or None,
+    )
+    return job
+
+
+def drop_staged(job: Job) -> None:
+    """Remove the job's staging zip (and a partial one), if it has one. Sources are never touched here."""
+    if job.package_path:
+        Path(job.package_path).unlink(missing_ok=True)
+        Path(job.package_path + ".part").unlink(missing_ok=True)
+
+
+def _error_content(ledger: Ledger, job: Job, missing: list[str]) -> dict[str, Any]:
+    failed_event = next((e for e in reversed(ledger.events(job.id)) if e["event"] == "failed"), None)
+    detail = failed_event["detail"] if failed_event else {}
+    return {
+        "job_id": job.id,
+        "model": job.model,
+        "sources": list(job.sources),
+        "moved_to": list(job.moved_to[: len(job.sources)]),
+        "missing": missing,
+        "upload_filename": job.upload_filename,
+        "failed_at_state": detail.get("at_state"),
+        "error": job.error,
+        "what_to_do": detail.get("hint") or f"Read the error, fix the cause, then `retrain-uploader retry {job.id}`.",
+        "retrain_job_id": job.retrain_job_id,
+        "sha256": job.sha256,
+        "failed_at": job.updated_at,
+    }
