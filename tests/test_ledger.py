@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain_uploader.ledger import SCHEMA_VERSION, Ledger, LedgerLocked, State
+from retrain_uploader.ledger import SCHEMA_VERSION, Ledger, LedgerLocked, StaleJob, State
 
 
 def make_job(ledger: Ledger, name: str = "a", model: str = "m"):
@@ -57,9 +57,22 @@ def test_claim_content_detects_duplicates_per_model(tmp_path: Path) -> None:
             ledger.update(j.id, content_sha256="same")
         assert ledger.claim_content(first.id, "m", "same") is None
         assert ledger.get(first.id).state is State.REQUESTING
-        assert ledger.claim_content(second.id, "m", "same") == first.id
+        assert ledger.claim_content(second.id, "m", "same") == (first.id, True)  # in flight: try later
         assert ledger.get(second.id).state is State.QUEUED
+        ledger.update(first.id, state=State.UPLOADED)
+        assert ledger.claim_content(second.id, "m", "same") == (first.id, False)  # sent: a duplicate
         assert ledger.claim_content(other_model.id, "n", "same") is None
+
+
+def test_compare_and_set_update(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        job = make_job(ledger)
+        ledger.update(job.id, state=State.FINISHED)
+        ledger.update(job.id, state=State.SWITCHED, expect_state=State.FINISHED)  # e.g. the CLI's switch
+        with pytest.raises(StaleJob):
+            ledger.update(job.id, state=State.FINISHED, retrain_status="x", expect_state=State.RETRAINING)
+        after = ledger.get(job.id)
+        assert (after.state, after.retrain_status) == (State.SWITCHED, None)
 
 
 def test_failed_content_may_be_sent_again(tmp_path: Path) -> None:

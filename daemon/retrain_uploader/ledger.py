@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AFTER_UPLOAD", "SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "State"]
+__all__ = ["AFTER_UPLOAD", "SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "StaleJob", "State"]
 
 
 class State(StrEnum):
@@ -49,11 +49,16 @@ AFTER_UPLOAD = frozenset(
 _TERMINAL = AFTER_UPLOAD | {State.FAILED, State.DUPLICATE}
 # Another job with the same content in one of these states means the content was, or is being, sent. A retraining
 # that failed remotely is the exception: dropping the same file again is how a user asks for another try.
-_SENT_OR_SENDING = tuple(sorted({State.REQUESTING, State.UPLOADING} | (AFTER_UPLOAD - {State.RETRAIN_FAILED})))
+_IN_FLIGHT = frozenset({State.REQUESTING, State.UPLOADING})
+_SENT_OR_SENDING = tuple(sorted(_IN_FLIGHT | (AFTER_UPLOAD - {State.RETRAIN_FAILED})))
 
 
 class LedgerLocked(RuntimeError):
     """Another process holds this ledger."""
+
+
+class StaleJob(LookupError):
+    """A compare-and-set update found the job in another state than expected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +172,7 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _DUPLICATE_OF = (
-    "SELECT id FROM jobs WHERE model = ? AND content_sha256 = ? AND id != ?"  # noqa: S608 -- placeholders only
+    "SELECT id, state FROM jobs WHERE model = ? AND content_sha256 = ? AND id != ?"  # noqa: S608 -- placeholders
     f" AND state IN ({', '.join('?' * len(_SENT_OR_SENDING))}) ORDER BY id LIMIT 1"
 )
 
@@ -283,8 +288,20 @@ class Ledger:
         rows = self._db.execute("SELECT * FROM jobs WHERE closed = 0 ORDER BY id")
         return [_job(r) for r in rows]
 
-    def update(self, job_id: int, *, event: str | None = None, detail: Any = None, **fields: Any) -> Job:
-        """Set ``fields`` on a job (and log an event) in one transaction."""
+    def update(
+        self,
+        job_id: int,
+        *,
+        event: str | None = None,
+        detail: Any = None,
+        expect_state: State | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Set ``fields`` on a job (and log an event) in one transaction.
+
+        With ``expect_state`` the change is made only if the job is still in that state (another process — the CLI's
+        ``switch`` — may have moved it on); otherwise :class:`StaleJob` is raised and nothing changes.
+        """
         allowed = {
             "state",
             "sha256",
@@ -312,24 +329,29 @@ class Ledger:
         values = {k: (json.dumps(list(v)) if k == "moved_to" else v) for k, v in fields.items()}
         values["updated_at"] = _now_iso(self._clock)
         assignments = ", ".join(f"{k} = ?" for k in values)
+        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"  # noqa: S608 -- keys are from the allow-list above
+        args = [*values.values(), job_id]
+        if expect_state is not None:
+            sql += " AND state = ?"
+            args.append(expect_state)
         with self._tx():
-            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))  # noqa: S608 -- keys are from the allow-list above
+            if self._db.execute(sql, args).rowcount == 0 and expect_state is not None:
+                raise StaleJob(f"job {job_id} is no longer {expect_state}")
             if event is not None:
                 self._event(job_id, event, detail if detail is not None else _event_detail(fields))
         return self.get(job_id)
 
-    def claim_content(self, job_id: int, model: str, content_sha256: str) -> int | None:
+    def claim_content(self, job_id: int, model: str, content_sha256: str) -> tuple[int, bool] | None:
         """Move a packaged job to ``requesting`` unless the same content was sent or is being sent.
 
-        Returns the id of the earlier job when this one is a duplicate (and leaves this job untouched).
+        Returns None when claimed; else ``(earlier job id, still_in_flight)`` and leaves this job untouched: a
+        duplicate when the earlier job's upload is done, a job to try later while the earlier one is under way (it
+        may yet fail, and then this content still has to be sent).
         """
         with self._tx():
-            row = self._db.execute(
-                _DUPLICATE_OF,
-                (model, content_sha256, job_id, *_SENT_OR_SENDING),
-            ).fetchone()
+            row = self._db.execute(_DUPLICATE_OF, (model, content_sha256, job_id, *_SENT_OR_SENDING)).fetchone()
             if row is not None:
-                return int(row[0])
+                return int(row[0]), row[1] in _IN_FLIGHT
             self._db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
                 (State.REQUESTING, _now_iso(self._clock), job_id),

@@ -72,15 +72,21 @@ def plan_result_name(inbox: Path, stem: str, *, job_id: int, dest: str = "done")
 
 
 def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """Rename each source to its target; returns the sources that were in neither place (the user took them)."""
+    """Rename each source to its planned target (which was free when planned: only the daemon writes there).
+
+    Returns the sources that were in neither place (the user took them). Never renames over an existing file.
+    """
     missing: list[str] = []
     for name, target in zip(sources, targets, strict=False):
         src, dst = inbox / name, inbox / target
+        if os.path.lexists(dst):
+            # Moved already (a replay after a crash). Whatever now stands at `src` is a newer drop by the user and
+            # must not be renamed over it: it stays in the inbox and becomes a job of its own.
+            continue
         try:
             os.rename(src, dst)
         except FileNotFoundError:
-            if not os.path.lexists(dst):
-                missing.append(name)
+            missing.append(name)
     _fsync_dir(inbox)
     for folder in {(inbox / t).parent for t in targets}:
         _fsync_dir(folder)

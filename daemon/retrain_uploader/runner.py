@@ -7,9 +7,10 @@ returns an :class:`Outcome` and the service queues, delays or parks the job acco
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,25 @@ _HINTS = {
 }
 
 
+def _signatures(inbox: Path, names: Sequence[str]) -> dict[str, list[int]]:
+    """Size, mtime and ctime of each source (lstat: a source replaced by a link counts as changed)."""
+    out: dict[str, list[int]] = {}
+    for name in names:
+        st = os.lstat(inbox / name)
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
 # Status checks that may fail in a row, around one PUT, before the daemon proceeds without their answer.
 _STATUS_TRIES = 4
 
 
 class _GiveUpOnStatus(Exception):
     """The status check kept failing: proceed without it (and say so)."""
+
+
+class _WaitFor(Exception):
+    """Another job is sending the same content right now."""
 
 
 class _Failed(Exception):
@@ -109,6 +123,8 @@ class Runner:
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
         self._status_failures: dict[int, int] = {}
+        # Set on shutdown: a job finishes the step it is in, and starts no new one (no new remote job, no new PUT).
+        self.stopping = False
 
     async def process(self, job_id: int, model: ModelContext) -> Outcome:
         """Advance the job as far as it can go now."""
@@ -117,12 +133,16 @@ class Runner:
             if job.state.terminal:
                 self._close(job, model)
                 return Closed(job.state)
+            if self.stopping:
+                return RetryLater(0.0)  # resumes from the ledger at the next start
             if job.state in (State.REQUESTING, State.UPLOADING) and model.paused_reason is not None:
                 return Parked(model.paused_reason)
             try:
                 job = await self._step(job, model)
             except _Failed as e:
                 job = self._fail(job, e.reason, e.hint)
+            except _WaitFor:
+                return RetryLater(max(self.settings.retry.base_delay_s, 1.0))
             except Exception as e:
                 outcome, job = self._on_error(job, e)
                 if outcome is not None:
@@ -142,12 +162,18 @@ class Runner:
         drop_staged(job)
         started = self._monotonic()
         try:
+            before = _signatures(model.inbox, job.sources)
             pkg = await asyncio.to_thread(self._build, job, model)
+            after = _signatures(model.inbox, job.sources)
         except checks.InputError as e:
             raise _Failed(str(e), _HINTS["input"]) from e
         except FileNotFoundError as e:
             reason = f"a source file disappeared from the inbox before it was uploaded ({Path(e.filename or '?').name})"
             raise _Failed(reason, _HINTS["input"]) from e
+        if before != after:
+            if pkg.temporary:
+                pkg.path.unlink(missing_ok=True)
+            raise SourceChanged(f"{', '.join(job.sources)} changed while being checked")
         job = self.ledger.update(
             job.id,
             sha256=pkg.sha256,
@@ -155,7 +181,7 @@ class Runner:
             size_bytes=pkg.size_bytes,
             package_path=str(pkg.path) if pkg.temporary else None,
             event="packaged",
-            detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes},
+            detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes, "sources": after},
         )
         log.info(
             "job.packaged",
@@ -166,17 +192,22 @@ class Runner:
             sha256=pkg.sha256,
             duration_s=round(self._monotonic() - started, 3),
         )
-        earlier = self.ledger.claim_content(job.id, model.name, pkg.content_sha256)
-        if earlier is not None:
-            log.info("job.duplicate", model=model.name, job_id=job.id, file=job.upload_filename, same_as=earlier)
-            return self.ledger.update(
-                job.id,
-                state=State.DUPLICATE,
-                error=f"same content as job {earlier}; not uploaded again",
-                event="duplicate",
-                detail={"same_as": earlier},
-            )
-        return self.ledger.get(job.id)
+        claim = self.ledger.claim_content(job.id, model.name, pkg.content_sha256)
+        if claim is None:
+            return self.ledger.get(job.id)
+        earlier, in_flight = claim
+        if in_flight:
+            # The same content is being sent by another job, which may still fail: decide once it has ended.
+            log.info("job.waiting_for_same_content", model=model.name, job_id=job.id, same_as=earlier)
+            raise _WaitFor(earlier)
+        log.info("job.duplicate", model=model.name, job_id=job.id, file=job.upload_filename, same_as=earlier)
+        return self.ledger.update(
+            job.id,
+            state=State.DUPLICATE,
+            error=f"same content as job {earlier}; not uploaded again",
+            event="duplicate",
+            detail={"same_as": earlier},
+        )
 
     def _build(self, job: Job, model: ModelContext) -> packager.Package:
         paths = [model.inbox / name for name in job.sources]
@@ -262,6 +293,7 @@ class Runner:
                 )
             else:
                 job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
+        self._check_sources_unchanged(job, model)
         path = self._package_path(job, model)
         job = self.ledger.update(job.id, put_started=1)  # committed before the first byte leaves
         started = self._monotonic()
@@ -274,7 +306,12 @@ class Runner:
             size_bytes=job.size_bytes,
             attempt=job.attempts + 1,
         )
-        await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
+        try:
+            await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
+        except (ApiError, SourceChanged):
+            # The storage answered with an error, or we cut the body short: either way this PUT did not complete.
+            self.ledger.update(job.id, put_started=0)
+            raise
         return self._uploaded(job, model, duration_s=self._monotonic() - started)
 
     async def _put_arrived(self, job: Job, model: ModelContext) -> bool:
@@ -362,6 +399,7 @@ class Runner:
 
     # -- errors -------------------------------------------------------------------------------------------------------
     def _on_error(self, job: Job, error: Exception) -> tuple[Outcome | None, Job]:
+        job = self.ledger.get(job.id)  # the step may have changed it (put_started) before it raised
         verdict = classify(error)
         reason = scrub(verdict.reason)
         self.ledger.note_model(job.model, error=reason)
@@ -372,7 +410,9 @@ class Runner:
         limit = self.settings.retry.max_attempts
         if isinstance(verdict, Fail):
             return None, self._fail(job, reason, _HINTS["api"])
-        if attempts >= limit:
+        # A PUT whose outcome is unknown may have started a paid retraining: failing the job (and a later `retry`)
+        # could pay twice, so it is settled through the status check however long that takes, never given up.
+        if attempts >= limit and not job.put_started:
             return None, self._fail(job, f"gave up after {attempts} attempts; last error: {reason}", _HINTS["gave_up"])
         if isinstance(verdict, RenewUrl):
             self._tickets.pop(job.id, None)
@@ -458,6 +498,20 @@ class Runner:
         job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
         self._close(job, model)
         return self.ledger.get(job.id)
+
+    def _check_sources_unchanged(self, job: Job, model: ModelContext) -> None:
+        """A pair's zip was built from its sources: if they changed since, build it again (the zip's own digest,
+        checked while streaming, cannot see that)."""
+        packaged = next((e for e in reversed(self.ledger.events(job.id)) if e["event"] == "packaged"), None)
+        recorded = (packaged or {}).get("detail", {}).get("sources")
+        if recorded is None:
+            return
+        try:
+            now = _signatures(model.inbox, job.sources)
+        except FileNotFoundError:
+            now = None
+        if now != recorded:
+            raise SourceChanged(f"{', '.join(job.sources)} changed after being checked")
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:
         return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]

@@ -61,6 +61,7 @@ class Service:
         self.models: dict[str, ModelContext] = {}
         self._watchers: dict[str, InboxWatcher] = {}
         self._watch_stops: dict[str, asyncio.Event] = {}
+        self._probes: dict[str, asyncio.TimerHandle] = {}
         self._taken: dict[tuple[str, str], int] = {}
         self._active: set[int] = set()  # queued, waiting for a retry, or being worked on
         self._queue: asyncio.Queue[int] = asyncio.Queue(maxsize=settings.pool.queue_size)
@@ -144,6 +145,8 @@ class Service:
             log.info("service.stopping", in_flight=self._busy, queued=self._queue.qsize())
             self._notifier.send("STOPPING=1")
             self.stop_event.set()
+            if hasattr(self, "runner"):
+                self.runner.stopping = True
             for event in self._watch_stops.values():
                 event.set()
 
@@ -180,6 +183,16 @@ class Service:
                 self._run_watcher(model.name)
                 log.info("model.added", model=model.name, inbox=str(model.inbox))
                 continue
+            open_jobs = any(m == model.name for m, _ in self._taken)
+            if model.inbox != ctx.settings.inbox and open_jobs:
+                # Open jobs name their sources relative to the inbox they were taken from.
+                log.warning(
+                    "config.restart_needed",
+                    model=model.name,
+                    key="inbox",
+                    action="keeping the old inbox until its open jobs are done; reload again then",
+                )
+                model = model.model_copy(update={"inbox": ctx.settings.inbox})
             rewatch = model.name not in active or model.inbox != ctx.settings.inbox
             ctx.settings = model
             if rewatch or new.watch != self._watchers[model.name].settings:
@@ -221,7 +234,13 @@ class Service:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Long-lived tasks catch what they expect; anything else is a bug worth a loud line, not silence.
+            log.error("service.task_died", task=task.get_name(), error=repr(task.exception()))
 
     # -- models -------------------------------------------------------------------------------------------------------
     def _start_model(self, model: ModelSettings) -> None:
@@ -276,7 +295,12 @@ class Service:
         self._notify_status()
 
     def _schedule_probe(self, ctx: ModelContext, delay: float) -> None:
-        self._later(delay, lambda: self._spawn(self._probe(ctx), f"probe-{ctx.name}"))
+        """One probe timer per model: scheduling again (a reload, a new pause) replaces the pending one."""
+        pending = self._probes.pop(ctx.name, None)
+        if pending is not None:
+            pending.cancel()
+            self._timers.discard(pending)
+        self._probes[ctx.name] = self._later(delay, lambda: self._spawn(self._probe(ctx), f"probe-{ctx.name}"))
 
     async def _probe(self, ctx: ModelContext) -> None:
         """Is the key good now? A status check of a job that cannot exist answers without creating one."""
@@ -372,7 +396,7 @@ class Service:
         except asyncio.QueueFull:
             self._spawn(self._queue.put(job_id), f"enqueue-{job_id}")
 
-    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+    def _later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         def fire() -> None:
             self._timers.discard(handle)
             if not self.stop_event.is_set():
@@ -380,6 +404,7 @@ class Service:
 
         handle = asyncio.get_running_loop().call_later(delay, fire)
         self._timers.add(handle)
+        return handle
 
     async def _worker(self, index: int) -> None:
         while not self.stop_event.is_set():

@@ -17,9 +17,9 @@ import structlog
 
 from .client import ApiError, Client, JobStatus, TransportError
 from .config import Settings
-from .ledger import Job, Ledger, State
+from .ledger import Job, Ledger, StaleJob, State
 from .mover import plan_result_name
-from .policy import Pause, classify
+from .policy import Fail, Pause, classify
 from .redact import scrub
 from .runner import ModelContext
 
@@ -75,7 +75,10 @@ class RetrainTracker:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # the ledger, say: log it and poll again next interval, never stop following jobs
+                log.exception("retrain.poll_failed")
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
             try:
@@ -127,6 +130,7 @@ class RetrainTracker:
                 error=reason,
                 event="retrain_timeout",
                 detail={"last_status": job.retrain_status},
+                expect_state=job.state,
             )
             log.error(
                 "retrain.gave_up",
@@ -142,7 +146,13 @@ class RetrainTracker:
             job = self._record(job, status)
             if job.state is State.FINISHED:
                 await self._finish(job, ctx, status)
+        except StaleJob:
+            return  # someone else (the CLI's switch) moved the job on; nothing to do
         except (ApiError, TransportError, OSError) as e:
+            self._on_error(job, ctx, e)
+            return
+        except Exception as e:
+            log.exception("retrain.check_crashed", model=job.model, job_id=job.id)
             self._on_error(job, ctx, e)
             return
         self._failures.pop(job.id, None)
@@ -165,6 +175,7 @@ class RetrainTracker:
             error=message if state is State.RETRAIN_FAILED else None,
             event="retrain_status",
             detail={"status": status.status, "message": message},
+            expect_state=job.state,
         )
         event = {State.FINISHED: "retrain.finished", State.RETRAIN_FAILED: "retrain.failed"}.get(
             state, "retrain.status"
@@ -182,12 +193,19 @@ class RetrainTracker:
         return job
 
     async def _finish(self, job: Job, ctx: ModelContext, status: JobStatus) -> None:
-        if self._needs_download(job) and status.download_url:
+        if self._needs_download(job) and not status.download_url:
+            # download_url is optional in the API's schema: without one there is nothing to fetch, ever.
+            job = self._no_result(job, "the finished job has no download_url")
+        elif self._needs_download(job) and status.download_url:
             dest = plan_result_name(ctx.inbox, job.name, job_id=job.id)
             size = await self.client.download(status.download_url, dest)
             relative = str(dest.relative_to(ctx.inbox))
             job = self.ledger.update(
-                job.id, result_path=relative, event="result_downloaded", detail={"path": relative, "size_bytes": size}
+                job.id,
+                result_path=relative,
+                event="result_downloaded",
+                detail={"path": relative, "size_bytes": size},
+                expect_state=State.FINISHED,
             )
             log.info("retrain.result_downloaded", model=job.model, job_id=job.id, path=relative, size_bytes=size)
         if ctx.settings.auto_switch:
@@ -203,11 +221,21 @@ class RetrainTracker:
             switched_at=self.ledger.now(),
             event="switched",
             detail={"retrain_job_id": job.retrain_job_id, "by": "auto_switch"},
+            expect_state=State.FINISHED,
         )
         log.info(
             "model.switched", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, model_id=job.model_id
         )
         return job
+
+    def _no_result(self, job: Job, why: str) -> Job:
+        """Stop trying to download a result: an empty ``result_path`` means "not available"."""
+        log.warning(
+            "retrain.result_unavailable", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, error=why
+        )
+        return self.ledger.update(
+            job.id, result_path="", event="result_unavailable", detail={"error": why}, expect_state=State.FINISHED
+        )
 
     def _on_error(self, job: Job, ctx: ModelContext, error: Exception) -> None:
         verdict = classify(error)
@@ -216,12 +244,32 @@ class RetrainTracker:
             return
         failures = self._failures.get(job.id, 0) + 1
         self._failures[job.id] = failures
+        reason = scrub(str(error))
+        with contextlib.suppress(StaleJob):
+            if isinstance(verdict, Fail) and job.state in (State.UPLOADED, State.RETRAINING):
+                # "Not found retrain job.", "This job may be deleted.": no later answer will be different.
+                self.ledger.update(
+                    job.id,
+                    state=State.RETRAIN_FAILED,
+                    error=reason,
+                    event="retrain_lost",
+                    detail={"error": reason},
+                    expect_state=job.state,
+                )
+                log.error(
+                    "retrain.lost", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, error=reason
+                )
+                return
+            gave_up = failures >= self.settings.retry.max_attempts
+            if job.state is State.FINISHED and gave_up and self._needs_download(job):
+                self._no_result(job, f"gave up after {failures} attempts: {reason}")
+                self._failures.pop(job.id, None)
+                return
         status = self.settings.status
         delay = min(status.poll_s * 2 ** min(failures - 1, 20), max(status.max_poll_delay_s, status.poll_s))
         if isinstance(error, ApiError) and error.message.strip() == NOT_FINISHED_MESSAGE:
             delay = status.poll_s
         self._next[job.id] = self._monotonic() + delay
-        reason = scrub(str(error))
         log.warning(
             "retrain.check_failed",
             model=job.model,

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import watchfiles
@@ -41,6 +42,7 @@ FAILED_DIR = "failed"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 _MAX_NAME_BYTES = 200  # leaves room for ".error.json" and a collision suffix within the usual 255-byte limit
 
+_T = TypeVar("_T")
 Signature = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
 
 
@@ -247,7 +249,7 @@ class InboxWatcher:
         result = plan(settled)
         for reject in (*rejects, *result.rejects):
             if not self._is_taken(reject.name):
-                await self._on_reject(reject)
+                await self._hand_over(self._on_reject, reject, reject.name)
         for half in result.halves:
             if half not in self._warned_halves:
                 self._warned_halves.add(half)
@@ -256,7 +258,15 @@ class InboxWatcher:
         for candidate in result.candidates:
             for name in candidate.sources:
                 self._tracker.forget(name)
-            await self._on_candidate(candidate)
+            await self._hand_over(self._on_candidate, candidate, candidate.upload_filename)
+
+    async def _hand_over(self, handler: Callable[[_T], Awaitable[None]], item: _T, file: str) -> None:
+        # A failure to record one file (disk full under the ledger, say) must not end the watch: the file stays in
+        # the inbox, settles again and is offered again.
+        try:
+            await handler(item)
+        except Exception:
+            log.exception("inbox.take_failed", model=self.model, file=file)
 
     async def _events(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -1,0 +1,76 @@
+"""The HTTP client against the emulator over loopback: typed results and errors, the exact PUT."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from retrain_uploader.client import ApiError, Client, SourceChanged, TransportError
+from retrain_uploader.emulator import Emulator
+
+from .conftest import KEYS
+
+KEY = next(iter(KEYS))
+
+
+@pytest.fixture
+async def client(emulator: Emulator):
+    c = Client(emulator.base_url, request_timeout_s=2, upload_read_timeout_s=2)
+    yield c
+    await c.close()
+
+
+def big_file(tmp_path: Path, size: int = 5 << 20) -> tuple[Path, str]:
+    path = tmp_path / "big.csv"
+    data = (b"a,b\n" + b"1,2\n" * (size // 4))[:size]
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+async def test_put_streams_the_exact_bytes_with_a_content_length(client: Client, emulator: Emulator,
+                                                                 tmp_path: Path) -> None:
+    path, digest = big_file(tmp_path)
+    ticket = await client.request_upload(KEY, "big.csv")
+    await client.put_file(ticket.upload_url, path, size=path.stat().st_size, sha256=digest)
+    [upload] = emulator.uploads
+    assert (upload.sha256, upload.size, upload.content_length_header) == (digest, path.stat().st_size,
+                                                                          path.stat().st_size)
+    assert "upload_url" not in repr(ticket) or "X-Amz-Signature" not in repr(ticket)
+
+
+async def test_a_digest_mismatch_cuts_the_put_before_its_last_byte(client: Client, emulator: Emulator,
+                                                                   tmp_path: Path) -> None:
+    path, _ = big_file(tmp_path)
+    ticket = await client.request_upload(KEY, "big.csv")
+    with pytest.raises(SourceChanged, match="changed after it was checked"):
+        await client.put_file(ticket.upload_url, path, size=path.stat().st_size, sha256="0" * 64)
+    assert emulator.uploads == []  # the storage never saw a complete body
+    assert [r.endpoint for r in emulator.requests].count("put") == 1
+
+
+async def test_a_file_gone_before_the_put_is_a_source_change(client: Client, tmp_path: Path) -> None:
+    ticket = await client.request_upload(KEY, "x.csv")
+    with pytest.raises(SourceChanged, match="cannot be read any more"):
+        await client.put_file(ticket.upload_url, tmp_path / "missing.csv", size=3, sha256="0" * 64)
+
+
+async def test_error_bodies_are_parsed_and_odd_ones_still_explained(client: Client, emulator: Emulator) -> None:
+    with pytest.raises(ApiError) as info:
+        await client.request_upload("no-such-key-1", "x.csv")
+    assert (info.value.http_status, info.value.code, info.value.error, info.value.message) == (
+        400, 4001000204, "PREDA_EXTERNAL_BAD_REQUEST", "invalid_api_key.")
+    emulator.inject("status", "http_status", status=502, body="<html>Bad Gateway</html>", content_type="text/html")
+    with pytest.raises(ApiError) as info:
+        await client.get_status(KEY, "x")
+    assert info.value.http_status == 502 and "Bad Gateway" in info.value.message and info.value.code is None
+
+
+async def test_nothing_listening_is_a_transport_error(tmp_path: Path) -> None:
+    c = Client("http://127.0.0.1:9", connect_timeout_s=1, request_timeout_s=1)
+    try:
+        with pytest.raises(TransportError, match="upload_url"):
+            await c.request_upload(KEY, "x.csv")
+    finally:
+        await c.close()
