@@ -37,7 +37,7 @@ async def test_put_streams_the_exact_bytes_with_a_content_length(client: Client,
     [upload] = emulator.uploads
     assert (upload.sha256, upload.size, upload.content_length_header) == (digest, path.stat().st_size,
                                                                           path.stat().st_size)
-    assert "upload_url" not in repr(ticket) or "X-Amz-Signature" not in repr(ticket)
+    assert "X-Amz-Signature" not in repr(ticket)  # the URL is a credential: redacted in every repr
 
 
 async def test_a_digest_mismatch_cuts_the_put_before_its_last_byte(client: Client, emulator: Emulator,
