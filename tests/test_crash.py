@@ -14,10 +14,9 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -517,23 +516,6 @@ async def test_hostile_names_go_to_failed_with_a_reason_and_the_others_are_uploa
     for job in jobs:  # moved under names the file system takes (a failed job's last target is its error file)
         assert job.moved_to and all((d.inbox() / target).exists() for target in job.moved_to), job
     assert [p.name for p in d.inbox().iterdir() if p.is_file()] == []
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs (ENOSPC is the kernel's own), grown later by a remount; skipped where it cannot be."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 async def test_a_full_disk_while_zipping_waits_and_retries_with_the_sources_untouched(

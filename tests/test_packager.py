@@ -6,10 +6,8 @@ import errno
 import hashlib
 import os
 import random
-import shutil
-import subprocess
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -199,32 +197,15 @@ def test_pair_name_must_be_a_file_name(pair: Callable[..., tuple[Path, Path]], s
         package_pair(name, *pair(table(1), table(1)), staging, job_id=1)
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs, so ENOSPC is the kernel's own; skipped where mounting is not allowed."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
-
-
 def test_full_disk_propagates_enospc_and_leaves_nothing(
-    pair: Callable[..., tuple[Path, Path]], tiny_disk: Path
+    pair: Callable[..., tuple[Path, Path]], small_disk: Path
 ) -> None:
     train, eval_ = pair(table(60_000, seed=3), table(10, seed=4))  # ~2.5 MB of digits: > 1 MiB compressed
     with pytest.raises(OSError, match=r"No space left on device") as e:
-        package_pair("sales", train, eval_, tiny_disk, job_id=9)
+        package_pair("sales", train, eval_, small_disk, job_id=9)
     assert e.value.errno == errno.ENOSPC
     assert not isinstance(e.value, InputError)
-    assert list(tiny_disk.iterdir()) == []
+    assert list(small_disk.iterdir()) == []
 
 
 # -- start-up cleaning -------------------------------------------------------------------------------------------
