@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -282,6 +282,26 @@ class Ledger:
             sql += " LIMIT ?"
             args.append(limit)
         return [_job(r) for r in self._db.execute(sql, args)]
+
+    def tracked(
+        self, *, download: bool, auto_switch_models: Collection[str], ids: Collection[int] | None = None
+    ) -> list[Job]:
+        """Jobs the retrain tracker still has work on: retraining, or finished but not yet downloaded or switched.
+
+        Filtered in SQL: the ledger's history of finished jobs grows for months and is not read on every poll.
+        """
+        if ids is not None and not ids:
+            return []
+        models = list(auto_switch_models)
+        sql = (
+            "SELECT * FROM jobs WHERE (state IN (?, ?) OR (state = ? AND ((? AND result_path IS NULL)"  # noqa: S608
+            f" OR model IN ({', '.join('?' * len(models))}))))"
+        )
+        args: list[Any] = [State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models]
+        if ids is not None:
+            sql += f" AND id IN ({', '.join('?' * len(ids))})"
+            args += list(ids)
+        return [_job(r) for r in self._db.execute(sql + " ORDER BY id", args)]
 
     def unfinished(self) -> list[Job]:
         """Jobs the daemon still owes something: a step, or the move of their sources."""

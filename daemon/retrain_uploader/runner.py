@@ -131,7 +131,7 @@ class Runner:
         job = self.ledger.get(job_id)
         while True:
             if job.state.terminal:
-                self._close(job, model)
+                await self._close(job, model)
                 return Closed(job.state)
             if self.stopping:
                 return RetryLater(0.0)  # resumes from the ledger at the next start
@@ -159,7 +159,7 @@ class Runner:
     async def _package(self, job: Job, model: ModelContext) -> Job:
         if job.state is not State.PACKAGING:
             job = self.ledger.update(job.id, state=State.PACKAGING, event="state", detail={"state": "packaging"})
-        drop_staged(job)
+        await asyncio.to_thread(drop_staged, job)
         started = self._monotonic()
         try:
             before = _signatures(model.inbox, job.sources)
@@ -489,15 +489,16 @@ class Runner:
         )
 
     # -- closing ------------------------------------------------------------------------------------------------------
-    def _close(self, job: Job, model: ModelContext) -> None:
+    async def _close(self, job: Job, model: ModelContext) -> None:
+        # Deleting a staging zip of hundreds of MB takes tens of ms: not on the event loop.
+        await asyncio.to_thread(drop_staged, job)
         close_job(self.ledger, job, model.inbox)
 
     def reject(self, model: ModelContext, name: str, reason: str) -> Job:
         """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it."""
         job = self.ledger.create_job(model=model.name, kind="reject", name=name, sources=[name], upload_filename=name)
         job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
-        self._close(job, model)
-        return self.ledger.get(job.id)
+        return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
 
     def _check_sources_unchanged(self, job: Job, model: ModelContext) -> None:
         """A pair's zip was built from its sources: if they changed since, build it again (the zip's own digest,

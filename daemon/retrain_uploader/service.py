@@ -448,7 +448,7 @@ class Service:
             for name in job.sources:
                 self._taken.pop((job.model, name), None)
             if outcome.state is State.UPLOADED:
-                self.tracker.poke()
+                self.tracker.poke(job_id)
         self._notify_status()
 
     # -- reporting ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ log = structlog.get_logger("retrain_uploader.tracker")
 
 FINISHED_STATUS = "job_finished"
 NOT_FINISHED_MESSAGE = "Retrain job is not finished."
-_POLLED = (State.UPLOADED, State.RETRAINING, State.FINISHED)
 
 
 def interpret(status: str) -> State:
@@ -67,16 +66,30 @@ class RetrainTracker:
         self._next: dict[int, float] = {}  # job id -> monotonic time of its next check
         self._failures: dict[int, int] = {}
         self._wake = asyncio.Event()
+        self._poked: set[int] = set()
+        self._full = True
+        self._next_full = 0.0
 
-    def poke(self) -> None:
-        """Check now (a job was just uploaded)."""
+    def poke(self, job_id: int | None = None) -> None:
+        """Check this job now (it was just uploaded), or every job when ``job_id`` is None (a model resumed)."""
+        if job_id is None:
+            self._full = True
+        else:
+            self._poked.add(job_id)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
+            now = self._monotonic()
+            ids: set[int] | None = None
+            if self._full or now >= self._next_full:
+                self._next_full = now + self.settings.status.poll_s
+            else:  # between full polls: only the jobs poked or due
+                ids = self._poked | {job_id for job_id, due in self._next.items() if due <= now}
+            self._poked, self._full = set(), False
             try:
-                await self.poll_once()
+                await self.poll_once(ids)
             except Exception:  # the ledger, say: log it and poll again next interval, never stop following jobs
                 log.exception("retrain.poll_failed")
             waiter = asyncio.ensure_future(self._wake.wait())
@@ -88,17 +101,17 @@ class RetrainTracker:
                 stopper.cancel()
 
     def _sleep_s(self) -> float:
-        if not self._next:
-            return self.settings.status.poll_s
-        return max(0.0, min(min(self._next.values()) - self._monotonic(), self.settings.status.poll_s))
+        wake_at = min([self._next_full, *self._next.values()])
+        return max(0.0, wake_at - self._monotonic())
 
-    async def poll_once(self) -> None:
-        """Check every job that is due, at most ``workers`` at a time."""
+    async def poll_once(self, ids: set[int] | None = None) -> None:
+        """Check every job that is due (of ``ids`` only, if given), at most ``workers`` at a time."""
         now = self._monotonic()
-        due = [
-            job for job in self.ledger.jobs(states=_POLLED) if self._wanted(job) and self._next.get(job.id, 0) <= now
-        ]
-        self._next = {k: v for k, v in self._next.items() if k in {j.id for j in due} or v > now}
+        auto = [name for name, ctx in self.models.items() if ctx.settings.auto_switch]
+        jobs = self.ledger.tracked(download=self.settings.status.download_result, auto_switch_models=auto, ids=ids)
+        due = [job for job in jobs if self._wanted(job) and self._next.get(job.id, 0) <= now]
+        if ids is None:
+            self._next = {k: v for k, v in self._next.items() if k in {j.id for j in jobs}}
         limit = asyncio.Semaphore(self.settings.pool.workers)
 
         async def check(job: Job) -> None:

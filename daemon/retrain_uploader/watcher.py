@@ -215,6 +215,9 @@ class InboxWatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         events = asyncio.create_task(self._events(stop), name=f"watch-events-{self.model}")
+        # Let the events task set up the inotify watch before the first scan: a file dropped between the scan and
+        # the watch would otherwise wait for the periodic rescan.
+        await asyncio.sleep(0)
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -267,6 +270,8 @@ class InboxWatcher:
             await handler(item)
         except Exception:
             log.exception("inbox.take_failed", model=self.model, file=file)
+        # Each take commits to the ledger: let workers start on the first files of a burst of a thousand.
+        await asyncio.sleep(0)
 
     async def _events(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
