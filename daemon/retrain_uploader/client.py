@@ -31,6 +31,7 @@ __all__ = [
 
 _API = "/v1/external/retrain_jobs"
 _CHUNK = 1 << 20
+_THREAD_HASH_MIN = 256 << 10  # smaller chunks are hashed inline: a thread hop would cost more than it saves
 _MAX_ERROR_BODY = 8192
 
 
@@ -140,10 +141,18 @@ class _FilePayload(aiohttp.payload.Payload):
                 if not chunk:
                     break
                 remaining -= len(chunk)
-                digest.update(chunk)
-                if held:
-                    await writer.write(held)
-                    self.sent += len(held)
+                if len(chunk) < _THREAD_HASH_MIN:
+                    digest.update(chunk)
+                    hashing = None
+                else:  # hash in a thread (hashlib releases the GIL) while the previous chunk goes out
+                    hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, chunk))
+                try:
+                    if held:
+                        await writer.write(held)
+                        self.sent += len(held)
+                finally:
+                    if hashing is not None:
+                        await hashing
                 held = chunk
             if remaining != 0 or digest.hexdigest() != self._sha256 or await f.read(1):
                 msg = f"{self._path.name} changed after it was checked; upload aborted before completion"
