@@ -283,3 +283,25 @@ async def test_prometheus_endpoint(start_daemon, emulator: Emulator) -> None:
     assert 'retrain_uploader_model_paused{model="beta"} 0' in lines
     assert 'retrain_uploader_upload_duration_seconds_count{model="alpha"} 1' in lines
     assert any(line.startswith('retrain_uploader_jobs{model="alpha",state=') for line in lines)
+
+
+async def test_a_start_up_failure_is_one_clear_line_and_exit_1(tmp_path: Path, emulator: Emulator) -> None:
+    key = tmp_path / "alpha.key"
+    key.write_text("key-alpha-0001")
+    config = write_config(
+        tmp_path / "c.toml",
+        emulator.base_url,
+        [{"name": "alpha", "inbox": str(tmp_path / "in"), "api_key_file": str(key)}],
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config.write_text(config.read_text().replace("[pool]", f"[metrics]\nenabled = true\nport = {port}\n[pool]"))
+        proc = await asyncio.create_subprocess_exec(
+            EXE, "run", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 1
+    assert b"retrain-uploader: cannot start: " in err
+    assert b"Traceback" not in err

@@ -95,6 +95,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except LedgerLocked as e:
         print(f"retrain-uploader: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as e:  # the ledger folder, an inbox or the metrics port: say which, without a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"retrain-uploader: cannot start: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _warn_permissions(settings: Settings) -> list[str]:

@@ -165,6 +165,15 @@ class Service:
             log.error("config.reload_refused", error=str(e), action="keeping the running configuration")
             self._notifier.send("READY=1")
             return False
+        try:
+            return self._apply(new)
+        except Exception:
+            # e.g. a new inbox that cannot be created: say so; models already applied keep running
+            log.exception("config.reload_failed")
+            self._notifier.send("READY=1", f"STATUS={self.summary()}")
+            return False
+
+    def _apply(self, new: Settings) -> bool:
         fixed = {name: getattr(self.settings, name) for name in ("ledger", "pool", "api")}
         changed = sorted(name for name, value in fixed.items() if getattr(new, name) != value)
         if changed:
