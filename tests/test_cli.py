@@ -191,7 +191,8 @@ async def test_jobs_lists_the_ledger_as_text_and_as_json_lines(
 
     text = await cli("jobs", "--config", config)
     assert text.code == 0, text
-    lines = text.out.splitlines()
+    header, *lines = text.out.splitlines()
+    assert header.split() == ["id", "model", "state", "upload_filename", "retrain_job_id", "updated_at"]
     assert len(lines) == 3
     for row, line in zip(rows, lines, strict=True):
         fields = line.split()
@@ -330,7 +331,7 @@ async def test_check_config_names_a_missing_key_file(tmp_path: Path, config: Pat
     (tmp_path / "keys" / "beta").unlink()
     result = await cli("check-config", "--config", config)
     assert result.code == 2, result
-    assert f"models.beta: cannot read key file {tmp_path / 'keys' / 'beta'}" in result.err
+    assert f"models.beta.api_key_file: cannot read key file {tmp_path / 'keys' / 'beta'}" in result.err
     assert "models.alpha" not in result.err and result.out == ""
 
 

@@ -61,6 +61,7 @@ def test_the_shipped_example_config_is_valid() -> None:
         ("[api]\nbase_url='ftp://x'\n[[models]]\nname='a'\ninbox='/x'\napi_key_env='K'\n", "api.base_url: must start"),
         ("[retry]\nbase_delay_s=10\nmax_delay_s=1\n[[models]]\nname='a'\ninbox='/x'\napi_key_env='K'\n", "retry"),
         ("", "models: Field required"),
+        ("[[models]]\nname='a'\ninbox='/x'\napi_keyfile='/k'\n", "models[0] (a).api_keyfile: unknown key"),
         ("[[models]]\nname='a b'\ninbox='/x'\napi_key_env='K'\n", "models[0] (a b).name"),
         (
             "[[models]]\nname='a'\ninbox='/x'\napi_key_env='K'\n[[models]]\nname='a'\ninbox='/y'\napi_key_env='K'\n",
@@ -75,6 +76,15 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, expected: s
         Settings.from_toml(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_a_bad_model_gives_one_error_not_a_cascade(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[models]]\nname='a'\ninbox='/x'\napi_key_file='/k'\napi_key_env='K'\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_toml(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: models[0] (a): set exactly one of api_key_file, api_key_env, api_key_credential"
+    ]
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -121,9 +131,9 @@ def test_key_source_errors_are_clear_and_do_not_echo_the_key(tmp_path: Path, mon
         with pytest.raises(ConfigError) as info:
             m.read_api_key()
         messages.append(str(info.value))
-    assert "models.a: cannot read key file" in messages[0]
+    assert "models.a.api_key_file: cannot read key file" in messages[0]
     assert "is empty" in messages[1]
-    assert "environment variable NOPE is empty" in messages[2]
+    assert "models.c.api_key_env: environment variable NOPE is not set" in messages[2]
     assert "$CREDENTIALS_DIRECTORY is not set" in messages[3]
     assert "more than one token" in messages[4]
     assert not any("secret-" in m for m in messages)

@@ -230,3 +230,14 @@ def test_clean_staging_with_a_relative_keep_path(staging: Path, monkeypatch: pyt
     monkeypatch.chdir(staging.parent)
     assert clean_staging(Path("staging"), [Path("staging/5-e.zip")]) == []
     assert clean_staging(Path("staging")) == [Path("staging/5-e.zip")]
+
+
+def test_a_one_column_file_is_refused_with_a_hint_about_its_separator(tmp_path: Path) -> None:
+    semicolons = tmp_path / "eu.csv"
+    semicolons.write_text("a;b;c\n1;2;3\n")
+    with pytest.raises(InputError, match=r"only one column \(it looks separated by ';'\)"):
+        package_csv(semicolons)
+    plain = tmp_path / "one.csv"
+    plain.write_text("target\n1\n0\n")
+    with pytest.raises(InputError, match="needs a target and at least one feature"):
+        package_csv(plain)

@@ -91,6 +91,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  last success: {m['last_success_at'] or 'never'}")
         if m["last_error"]:
             lines.append(f"  last error ({m['last_error_at']}): {m['last_error']}")
+        failed = m["last_failed_job"]
+        if failed:
+            lines.append(f"  last failed job {failed['id']} ({failed['at']}): {failed['error']}")
     return "\n".join(lines)
 
 

@@ -126,14 +126,16 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         return EXIT_OK
     with ledger:
         jobs = ledger.jobs(state=args.state, model=args.model)
+    if jobs and not args.json:
+        print(f"{'id':>6}  {'model':<16} {'state':<15} {'upload_filename':<40} {'retrain_job_id':<36} updated_at")
     for job in jobs:
         if args.json:
             print(json.dumps(job.as_dict(), ensure_ascii=False))
         else:
             error = f"  {job.error}" if job.error else ""
             print(
-                f"{job.id:>6}  {job.model:<16} {job.state:<10} {job.upload_filename:<40} "
-                f"{job.retrain_job_id or '-':<24} {job.updated_at}{error}"
+                f"{job.id:>6}  {job.model:<16} {job.state:<15} {job.upload_filename:<40} "
+                f"{job.retrain_job_id or '-':<36} {job.updated_at}{error}"
             )
     return EXIT_OK
 

@@ -43,6 +43,7 @@ def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
         "job.closed",
         model=job.model,
         job_id=job.id,
+        file=job.upload_filename,
         state=str(job.state),
         moved_to=list(job.moved_to),
         missing=missing or None,

@@ -128,7 +128,10 @@ class ModelSettings(_Section):
         where: str
         if self.api_key_env is not None:
             where = f"environment variable {self.api_key_env}"
-            key = os.environ.get(self.api_key_env, "")
+            if self.api_key_env not in os.environ:
+                msg = f"models.{self.name}.api_key_env: {where} is not set"
+                raise ConfigError(msg)
+            key = os.environ[self.api_key_env]
         else:
             if self.api_key_file is not None:
                 path = self.api_key_file
@@ -142,7 +145,8 @@ class ModelSettings(_Section):
             try:
                 key = path.read_text(encoding="utf-8")
             except OSError as e:
-                msg = f"models.{self.name}: cannot read {where}: {e.strerror}"
+                source = "api_key_file" if self.api_key_file else "api_key_credential"
+                msg = f"models.{self.name}.{source}: cannot read {where}: {e.strerror}"
                 raise ConfigError(msg) from e
         key = key.strip()
         if not key:
@@ -259,7 +263,11 @@ def _absolutize(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 def _describe(error: ValidationError, raw: dict[str, Any], source: Path | None) -> str:
     where = str(source) if source is not None else "<config>"
     lines = []
-    for item in error.errors():
+    items = error.errors()
+    if any(len(i["loc"]) > 1 and i["loc"][0] == "models" for i in items):
+        # A model that failed validation also leaves the list short: that second error only confuses.
+        items = [i for i in items if not (i["loc"] == ("models",) and i["type"] == "too_short")]
+    for item in items:
         parts: list[str] = []
         loc = list(item["loc"])
         for i, part in enumerate(loc):

@@ -15,7 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import CsvReport, check_csv, check_csv_stream, check_same_header, open_regular
+from .checks import CsvReport, InputError, check_csv, check_csv_stream, check_same_header, open_regular
 from .zipcheck import check_zip
 
 __all__ = ["Package", "clean_staging", "package_csv", "package_pair", "package_zip", "sha256_file"]
@@ -38,6 +38,7 @@ class Package:
 def package_csv(path: Path) -> Package:
     """Check and hash a dropped CSV (one read); it is uploaded unchanged under its own name."""
     report = check_csv(path)
+    _trainable(report, path.name)
     return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
                    content_sha256=report.sha256, temporary=False)
 
@@ -45,8 +46,21 @@ def package_csv(path: Path) -> Package:
 def package_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: int = 64 << 30) -> Package:
     """Check a dropped zip (layout, zip-bomb limits, each CSV inside) and hash it; uploaded unchanged."""
     report = check_zip(path, max_ratio=max_ratio, max_uncompressed_bytes=max_uncompressed_bytes)
+    _trainable(report.train, f"{path.name}:{report.train_member}")
     return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
                    content_sha256=report.sha256, temporary=False)
+
+
+def _trainable(report: CsvReport, name: str) -> None:
+    """Training needs a target and at least one feature. A single column is most often a file separated by something
+    else (";" from a European-locale Excel): refused here rather than sent to a useless, paid retraining."""
+    if report.columns >= 2:
+        return
+    other = next((sep for sep in (";", "|") if sep in report.header[0]), None)
+    hint = f" (it looks separated by {other!r})" if other else ""
+    msg = (f"{name}: the header has only one column{hint}; training needs a target and at least one feature. "
+           "Save it comma- or tab-separated and drop it again")
+    raise InputError(msg)
 
 
 def package_pair(name: str, train: Path, eval_: Path, staging_dir: Path, *, job_id: int, level: int = 1) -> Package:
@@ -70,6 +84,7 @@ def package_pair(name: str, train: Path, eval_: Path, staging_dir: Path, *, job_
                 train_report = _add_member(zf, f"train_src/{train.name}", train, level)
                 eval_report = _add_member(zf, f"eval_src/{eval_.name}", eval_, level)
             check_same_header(train_report, eval_report, train_name=train.name, eval_name=eval_.name)
+            _trainable(train_report, train.name)
             out.flush()
             os.fsync(out.fileno())
         size, sha256 = _hash(part)

@@ -67,7 +67,10 @@ class Parked:
 Outcome = Closed | RetryLater | Parked
 
 _HINTS = {
-    "input": "Fix the file and drop it into the inbox again.",
+    "input": (
+        "Fix the file and drop it into the inbox again. If it was still being copied when it was taken, copy it "
+        "under a .part name and rename it when complete, or raise [watch] settle_s."
+    ),
     "api": "The API refused this upload; read the error, fix the cause, then `retrain-uploader retry {id}`.",
     "gave_up": "The API or network kept failing; once it is healthy, `retrain-uploader retry {id}`.",
     "reject": "Replace it with a regular, supported file in the inbox.",
@@ -198,7 +201,13 @@ class Runner:
         earlier, in_flight = claim
         if in_flight:
             # The same content is being sent by another job, which may still fail: decide once it has ended.
-            log.info("job.waiting_for_same_content", model=model.name, job_id=job.id, same_as=earlier)
+            log.info(
+                "job.waiting_for_same_content",
+                model=model.name,
+                job_id=job.id,
+                file=job.upload_filename,
+                same_as=earlier,
+            )
             raise _WaitFor(earlier)
         log.info("job.duplicate", model=model.name, job_id=job.id, file=job.upload_filename, same_as=earlier)
         return self.ledger.update(
@@ -239,6 +248,7 @@ class Runner:
             "upload.url_received",
             model=model.name,
             job_id=job.id,
+            file=job.upload_filename,
             retrain_job_id=ticket.retrain_job_id,
             abandoned_retrain_job_id=previous,
         )
@@ -252,6 +262,7 @@ class Runner:
                 "upload.baseline_unavailable",
                 model=model.name,
                 job_id=job.id,
+                file=job.upload_filename,
                 retrain_job_id=ticket.retrain_job_id,
                 error=str(e),
             )
@@ -287,6 +298,7 @@ class Runner:
                     "upload.baseline_unavailable",
                     model=model.name,
                     job_id=job.id,
+                    file=job.upload_filename,
                     retrain_job_id=job.retrain_job_id,
                     error=scrub(str(e)),
                     action="uploading without one",
@@ -332,7 +344,14 @@ class Runner:
             return False
         if now != job.status_before_put:
             return True
-        log.info("upload.not_arrived", model=model.name, job_id=job.id, retrain_job_id=job.retrain_job_id, status=now)
+        log.info(
+            "upload.not_arrived",
+            model=model.name,
+            job_id=job.id,
+            file=job.upload_filename,
+            retrain_job_id=job.retrain_job_id,
+            status=now,
+        )
         return False
 
     async def _status_or_retry(self, job: Job, model: ModelContext, what: str) -> str:
@@ -351,6 +370,7 @@ class Runner:
                 "upload.status_check_failed",
                 model=model.name,
                 job_id=job.id,
+                file=job.upload_filename,
                 retrain_job_id=job.retrain_job_id,
                 error=str(e),
                 attempt=failures,
@@ -365,6 +385,7 @@ class Runner:
             "upload.outcome_unknown",
             model=model.name,
             job_id=job.id,
+            file=job.upload_filename,
             retrain_job_id=job.retrain_job_id,
             error=scrub(why),
             action="uploading again; may be a repeat",
@@ -420,6 +441,7 @@ class Runner:
                 "upload.url_rejected",
                 model=job.model,
                 job_id=job.id,
+                file=job.upload_filename,
                 retrain_job_id=job.retrain_job_id,
                 error=reason,
                 attempt=attempts,
@@ -458,6 +480,7 @@ class Runner:
             "upload.retry_scheduled",
             model=job.model,
             job_id=job.id,
+            file=job.upload_filename,
             retrain_job_id=job.retrain_job_id,
             state=str(job.state),
             attempt=attempts,
@@ -468,6 +491,7 @@ class Runner:
         return RetryLater(delay), job
 
     def _fail(self, job: Job, reason: str, hint: str) -> Job:
+        job = self.ledger.get(job.id)  # the state it really failed in (the step may have moved it on)
         reason = scrub(reason)
         log.error(
             "job.failed",

@@ -149,6 +149,7 @@ class RetrainTracker:
                 "retrain.gave_up",
                 model=job.model,
                 job_id=job.id,
+                file=job.upload_filename,
                 retrain_job_id=job.retrain_job_id,
                 status=job.retrain_status,
                 hours=hours,
@@ -198,6 +199,7 @@ class RetrainTracker:
             event,
             model=job.model,
             job_id=job.id,
+            file=job.upload_filename,
             retrain_job_id=job.retrain_job_id,
             status=status.status,
             message=message,
@@ -220,7 +222,14 @@ class RetrainTracker:
                 detail={"path": relative, "size_bytes": size},
                 expect_state=State.FINISHED,
             )
-            log.info("retrain.result_downloaded", model=job.model, job_id=job.id, path=relative, size_bytes=size)
+            log.info(
+                "retrain.result_downloaded",
+                model=job.model,
+                job_id=job.id,
+                file=job.upload_filename,
+                path=relative,
+                size_bytes=size,
+            )
         if ctx.settings.auto_switch:
             await self.switch(job, ctx)
 
@@ -237,14 +246,24 @@ class RetrainTracker:
             expect_state=State.FINISHED,
         )
         log.info(
-            "model.switched", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, model_id=job.model_id
+            "model.switched",
+            model=job.model,
+            job_id=job.id,
+            file=job.upload_filename,
+            retrain_job_id=job.retrain_job_id,
+            model_id=job.model_id,
         )
         return job
 
     def _no_result(self, job: Job, why: str) -> Job:
         """Stop trying to download a result: an empty ``result_path`` means "not available"."""
         log.warning(
-            "retrain.result_unavailable", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, error=why
+            "retrain.result_unavailable",
+            model=job.model,
+            job_id=job.id,
+            file=job.upload_filename,
+            retrain_job_id=job.retrain_job_id,
+            error=why,
         )
         return self.ledger.update(
             job.id, result_path="", event="result_unavailable", detail={"error": why}, expect_state=State.FINISHED
@@ -270,7 +289,12 @@ class RetrainTracker:
                     expect_state=job.state,
                 )
                 log.error(
-                    "retrain.lost", model=job.model, job_id=job.id, retrain_job_id=job.retrain_job_id, error=reason
+                    "retrain.lost",
+                    model=job.model,
+                    job_id=job.id,
+                    file=job.upload_filename,
+                    retrain_job_id=job.retrain_job_id,
+                    error=reason,
                 )
                 return
             gave_up = failures >= self.settings.retry.max_attempts
@@ -287,6 +311,7 @@ class RetrainTracker:
             "retrain.check_failed",
             model=job.model,
             job_id=job.id,
+            file=job.upload_filename,
             retrain_job_id=job.retrain_job_id,
             state=str(job.state),
             error=reason,
