@@ -589,3 +589,25 @@ async def test_a_status_check_that_keeps_failing_falls_back_to_uploading_again_a
     [unknown] = [e for e in logs if e["event"] == "upload.outcome_unknown"]
     assert unknown["action"] == "uploading again; may be a repeat"
     assert list(emulator.upload_count_by_sha().values()) == [2]  # the documented price of a status API that is down
+
+
+async def test_a_stop_during_a_long_packaging_cancels_it_and_a_restart_finishes_the_job(
+    start_daemon, make_settings, emulator: Emulator
+) -> None:
+    settings = make_settings()
+    d = await start_daemon(settings)
+    await asyncio.to_thread(write_big_csv, d.inbox(), "big.train.csv", 120 * MiB, 21)
+    drop(d.inbox(), "big.eval.csv", b"a,b,c\n1,0.5,ff\n")
+    staging = settings.staging_dir
+    await wait_for(lambda: staging.exists() and any(p.name.endswith(".part") for p in staging.iterdir()),
+                   what="zipping under way")
+    with capture_logs() as logs:
+        assert await d.stop() == 0
+    [job] = d.jobs()
+    assert job.state is State.PACKAGING  # stopped at its next chunk, not zipped to the end and claimed
+    assert [e["event"] for e in logs if e["event"] == "job.packaging_stopped"] == ["job.packaging_stopped"]
+    assert list(staging.iterdir()) == []  # the partial zip is gone
+    again = await start_daemon(settings)
+    [job] = await again.closed_jobs(1, timeout=60)
+    assert job.state in AFTER_UPLOAD
+    assert len(emulator.uploads) == 1

@@ -10,15 +10,16 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import zipfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import CsvReport, InputError, check_csv, check_csv_stream, check_same_header, open_regular
 from .zipcheck import check_zip
 
-__all__ = ["Package", "clean_staging", "package_csv", "package_pair", "package_zip", "sha256_file"]
+__all__ = ["Cancelled", "Package", "clean_staging", "package_csv", "package_pair", "package_zip", "sha256_file"]
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps, so equal content gives an equal zip
 _MEMBER_ATTR = 0o100644 << 16  # regular file, rw-r--r--
@@ -35,9 +36,25 @@ class Package:
     temporary: bool  # True when `path` is a staging file the daemon owns and may delete
 
 
-def package_csv(path: Path) -> Package:
+class Cancelled(Exception):
+    """Packaging was stopped (the daemon is shutting down); nothing was kept, the job is packaged again later."""
+
+
+def _watching(cancel: threading.Event | None, sink: Callable[[bytes], object] | None = None) -> Callable[[bytes], None]:
+    """A sink that stops the pass at the next chunk once ``cancel`` is set (the thread cannot be interrupted)."""
+
+    def step(chunk: bytes) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        if sink is not None:
+            sink(chunk)
+
+    return step
+
+
+def package_csv(path: Path, *, cancel: threading.Event | None = None) -> Package:
     """Check and hash a dropped CSV (one read); it is uploaded unchanged under its own name."""
-    report = check_csv(path)
+    report = check_csv(path, sink=_watching(cancel) if cancel is not None else None)
     _trainable(report, path.name)
     return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
                    content_sha256=report.sha256, temporary=False)
@@ -63,7 +80,10 @@ def _trainable(report: CsvReport, name: str) -> None:
     raise InputError(msg)
 
 
-def package_pair(name: str, train: Path, eval_: Path, staging_dir: Path, *, job_id: int, level: int = 1) -> Package:
+def package_pair(
+    name: str, train: Path, eval_: Path, staging_dir: Path, *, job_id: int, level: int = 1,
+    cancel: threading.Event | None = None,
+) -> Package:
     """Write ``staging_dir/{job_id}-{name}.zip`` holding ``train_src/{train.name}`` and ``eval_src/{eval_.name}``.
 
     Each source is checked and hashed in the pass that compresses it (ZIP_DEFLATED at ``level``). The bytes
@@ -81,8 +101,8 @@ def package_pair(name: str, train: Path, eval_: Path, staging_dir: Path, *, job_
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with open(fd, "wb") as out:
             with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
-                train_report = _add_member(zf, f"train_src/{train.name}", train, level)
-                eval_report = _add_member(zf, f"eval_src/{eval_.name}", eval_, level)
+                train_report = _add_member(zf, f"train_src/{train.name}", train, level, cancel)
+                eval_report = _add_member(zf, f"eval_src/{eval_.name}", eval_, level, cancel)
             check_same_header(train_report, eval_report, train_name=train.name, eval_name=eval_.name)
             _trainable(train_report, train.name)
             out.flush()
@@ -101,7 +121,9 @@ def package_pair(name: str, train: Path, eval_: Path, staging_dir: Path, *, job_
                    content_sha256=content.hexdigest(), temporary=True)
 
 
-def _add_member(zf: zipfile.ZipFile, arcname: str, source: Path, level: int) -> CsvReport:
+def _add_member(
+    zf: zipfile.ZipFile, arcname: str, source: Path, level: int, cancel: threading.Event | None
+) -> CsvReport:
     with open_regular(source) as raw:
         info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
         info.compress_type = zipfile.ZIP_DEFLATED
@@ -111,7 +133,7 @@ def _add_member(zf: zipfile.ZipFile, arcname: str, source: Path, level: int) -> 
         # ZipFile.open(ZipInfo, "w") takes the level from the ZipInfo; the field is public only from 3.13.
         setattr(info, "compress_level" if sys.version_info >= (3, 13) else "_compresslevel", level)
         with zf.open(info, "w") as member:
-            return check_csv_stream(raw, name=source.name, sink=member.write)
+            return check_csv_stream(raw, name=source.name, sink=_watching(cancel, member.write))
 
 
 def _hash(path: Path, chunk_size: int = 1 << 20) -> tuple[int, str]:

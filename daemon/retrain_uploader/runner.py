@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,10 @@ class _GiveUpOnStatus(Exception):
     """The status check kept failing: proceed without it (and say so)."""
 
 
+class _Stopped(Exception):
+    """Packaging was cancelled because the daemon is stopping."""
+
+
 class _WaitFor(Exception):
     """Another job is sending the same content right now."""
 
@@ -126,8 +131,20 @@ class Runner:
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
         self._status_failures: dict[int, int] = {}
-        # Set on shutdown: a job finishes the step it is in, and starts no new one (no new remote job, no new PUT).
-        self.stopping = False
+        # Set on shutdown: a job finishes the step it is in, and starts no new one (no new remote job, no new PUT);
+        # packaging, which can take minutes for a large pair, is stopped at its next chunk.
+        self._cancel = threading.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._cancel.is_set()
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        if value:
+            self._cancel.set()
+        else:
+            self._cancel.clear()
 
     async def process(self, job_id: int, model: ModelContext) -> Outcome:
         """Advance the job as far as it can go now."""
@@ -146,6 +163,8 @@ class Runner:
                 job = self._fail(job, e.reason, e.hint)
             except _WaitFor:
                 return RetryLater(max(self.settings.retry.base_delay_s, 1.0))
+            except _Stopped:
+                return RetryLater(0.0)  # still `packaging` in the ledger: packaged again at the next start
             except Exception as e:
                 outcome, job = self._on_error(job, e)
                 if outcome is not None:
@@ -168,6 +187,9 @@ class Runner:
             before = _signatures(model.inbox, job.sources)
             pkg = await asyncio.to_thread(self._build, job, model)
             after = _signatures(model.inbox, job.sources)
+        except packager.Cancelled:
+            log.info("job.packaging_stopped", model=model.name, job_id=job.id, file=job.upload_filename)
+            raise _Stopped from None
         except checks.InputError as e:
             raise _Failed(str(e), _HINTS["input"]) from e
         except FileNotFoundError as e:
@@ -222,14 +244,20 @@ class Runner:
         paths = [model.inbox / name for name in job.sources]
         limits = self.settings.packaging
         if job.kind == "csv":
-            return packager.package_csv(paths[0])
+            return packager.package_csv(paths[0], cancel=self._cancel)
         if job.kind == "zip":
             return packager.package_zip(
                 paths[0], max_ratio=limits.max_zip_ratio, max_uncompressed_bytes=limits.max_uncompressed_bytes
             )
         self.settings.staging_dir.mkdir(parents=True, exist_ok=True)
         return packager.package_pair(
-            job.name, paths[0], paths[1], self.settings.staging_dir, job_id=job.id, level=limits.zip_level
+            job.name,
+            paths[0],
+            paths[1],
+            self.settings.staging_dir,
+            job_id=job.id,
+            level=limits.zip_level,
+            cancel=self._cancel,
         )
 
     async def _request(self, job: Job, model: ModelContext) -> Job:
