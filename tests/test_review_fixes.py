@@ -114,3 +114,85 @@ async def test_reloading_while_paused_keeps_one_probe(start_daemon, emulator: Em
     await wait_for(lambda: time.monotonic() - started > 1.0, what="a second of probing")
     rate = (probes() - before) / (time.monotonic() - started)
     assert rate <= 1 / 0.2 + 2  # one probe chain (5 a second); before the fix: 6 chains
+
+
+def _config(tmp_path: Path, base_url: str, models: str, extra: str = "") -> Path:
+    keys = tmp_path / "keys"
+    keys.mkdir(exist_ok=True)
+    (keys / "alpha").write_text("key-alpha-0001")
+    (keys / "beta").write_text("key-beta-0002")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[api]\nbase_url = "{base_url}"\n[ledger]\npath = "{tmp_path / "l" / "l.db"}"\n'
+        "[retry]\npaused_retry_s = 3600\nbase_delay_s = 0.01\nmax_delay_s = 0.05\n[watch]\nsettle_s = 0.05\n"
+        f"[status]\npoll_s = 0.1\n{extra}{models}"
+    )
+    return path
+
+
+def _model(tmp_path: Path, name: str, inbox: Path | None = None) -> str:
+    inbox = inbox or tmp_path / f"in-{name}"
+    return f'[[models]]\nname = "{name}"\ninbox = "{inbox}"\napi_key_file = "{tmp_path / "keys" / name}"\n'
+
+
+async def test_the_tracker_does_not_spin_while_a_model_is_paused(start_daemon, emulator: Emulator,
+                                                                tmp_path: Path) -> None:
+    from retrain_uploader.config import Settings
+
+    emulator.fail_retraining("key-alpha-0001", status="queued_for_gpu", message="no slot")  # stays in progress
+    d = await start_daemon(Settings.from_toml(_config(tmp_path, emulator.base_url, _model(tmp_path, "alpha"))))
+    drop(d.inbox(), "a.csv", CSV)
+    await wait_for(lambda: any(j.retrain_status == "queued_for_gpu" for j in d.jobs()), what="retraining, polled")
+    emulator.set_key_state("key-alpha-0001", "inactive")
+    await wait_for(lambda: d.service.models["alpha"].paused_reason, what="paused by the tracker's status check")
+    ledger = d.service.ledger
+    calls = 0
+    real = ledger.tracked
+
+    def counting(**kwargs):  # a spy on the real method: it still queries the real ledger
+        nonlocal calls
+        calls += 1
+        return real(**kwargs)
+
+    ledger.tracked = counting  # type: ignore[method-assign]
+    started = time.monotonic()
+    await wait_for(lambda: time.monotonic() - started > 1.0, what="a second while paused")
+    assert calls <= 30  # about one per poll_s (0.1 s); before the fix: thousands (a busy loop)
+
+
+async def test_a_job_waiting_for_parked_same_content_is_parked_too_and_not_zipped_again(
+    start_daemon, emulator: Emulator, tmp_path: Path
+) -> None:
+    from retrain_uploader.config import Settings
+
+    emulator.set_key_state("key-alpha-0001", "inactive")
+    d = await start_daemon(Settings.from_toml(_config(tmp_path, emulator.base_url, _model(tmp_path, "alpha"))))
+    drop(d.inbox(), "a.csv", CSV)
+    await wait_for(lambda: d.service.models["alpha"].paused_reason, what="paused")
+    drop(d.inbox(), "b.csv", CSV)
+    await wait_for(lambda: len(d.service.models["alpha"].parked) == 2, what="both jobs parked")
+    emulator.set_key_state("key-alpha-0001", "active")
+    assert d.service.reload()  # resumes at once (paused_retry_s is an hour)
+    first, second = await d.closed_jobs(2)
+    assert first.state in AFTER_UPLOAD and second.state is State.DUPLICATE
+    assert [e["event"] for e in d.events(second.id)].count("packaged") == 1
+    assert len(emulator.uploads) == 1
+
+
+async def test_a_reload_that_failed_does_not_break_the_next_one(start_daemon, emulator: Emulator,
+                                                                tmp_path: Path) -> None:
+    from retrain_uploader.config import Settings
+
+    config = _config(tmp_path, emulator.base_url, _model(tmp_path, "alpha"))
+    d = await start_daemon(Settings.from_toml(config))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config.write_text(config.read_text() + _model(tmp_path, "beta", blocker / "inbox"))
+    with capture_logs() as logs:
+        assert d.service.reload() is False  # beta's inbox cannot be created under a file
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["config.reload_failed"]
+    config.write_text(config.read_text().replace(str(blocker / "inbox"), str(tmp_path / "in-beta")))
+    assert d.service.reload() is True
+    drop(tmp_path / "in-beta", "b.csv", CSV)
+    [job] = await d.closed_jobs(1)
+    assert job.model == "beta" and job.state in AFTER_UPLOAD

@@ -11,7 +11,8 @@ from typing import Any
 
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, Settings
-from .ledger import Ledger, State
+from .ledger import Ledger, StaleJob, State
+from .mover import rename_no_replace
 from .policy import is_credential_error
 from .watcher import is_ignored
 
@@ -120,7 +121,10 @@ def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
         if os.path.lexists(inbox / name):
             raise ValueError(f"{name!r} is in the inbox already; move it away first")
     for name, target in present:
-        os.rename(inbox / target, inbox / name)
+        try:
+            rename_no_replace(inbox / target, inbox / name)  # a file dropped meanwhile under that name is kept
+        except FileExistsError:
+            raise ValueError(f"{name!r} appeared in the inbox meanwhile; move it away first") from None
     if len(job.moved_to) > len(job.sources):
         error_file = inbox / job.moved_to[-1]
         if error_file.exists():
@@ -146,13 +150,22 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         raise ValueError(str(e)) from None
     finally:
         await client.close()
-    ledger.update(
-        job.id,
-        state=State.SWITCHED,
-        switched_at=ledger.now(),
-        event="switched",
-        detail={"retrain_job_id": job.retrain_job_id, "by": "cli"},
-    )
+    for _ in range(3):  # the running daemon may move the job on (retraining -> finished) meanwhile
+        current = ledger.get(job.id)
+        try:
+            ledger.update(
+                job.id,
+                state=State.SWITCHED,
+                switched_at=ledger.now(),
+                event="switched",
+                detail={"retrain_job_id": job.retrain_job_id, "by": "cli"},
+                expect_state=current.state,
+            )
+            break
+        except StaleJob:
+            continue
+    else:
+        raise ValueError("the model was switched, but the ledger kept changing; run `jobs` to check the job")
     return f"job {job.id}: model {job.model} now serves retrain job {job.retrain_job_id}"
 
 

@@ -295,9 +295,11 @@ class Ledger:
         models = list(auto_switch_models)
         sql = (
             "SELECT * FROM jobs WHERE (state IN (?, ?) OR (state = ? AND ((? AND result_path IS NULL)"  # noqa: S608
-            f" OR model IN ({', '.join('?' * len(models))}))))"
+            f" OR model IN ({', '.join('?' * len(models))}))) OR (state = ? AND ? AND result_path IS NULL))"
         )
-        args: list[Any] = [State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models]
+        args: list[Any] = [
+            State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models, State.SWITCHED, int(download)
+        ]
         if ids is not None:
             sql += f" AND id IN ({', '.join('?' * len(ids))})"
             args += list(ids)

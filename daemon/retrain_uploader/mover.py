@@ -7,13 +7,14 @@ so each move is a rename on one filesystem: atomic, never a copy.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_moves", "plan_moves", "plan_result_name", "write_error_file"]
+__all__ = ["apply_moves", "plan_moves", "plan_result_name", "rename_no_replace", "write_error_file"]
 
 _KNOWN_SUFFIXES = (".train.csv", ".eval.csv", ".csv", ".zip")
 _MAX_NAME_BYTES = 240
@@ -91,6 +92,25 @@ def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> 
     for folder in {(inbox / t).parent for t in targets}:
         _fsync_dir(folder)
     return missing
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError): a hard link fails atomically if it does.
+
+    On a filesystem without hard links, falls back to check-then-rename (a narrow race, with our own files only).
+    """
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def write_error_file(path: Path, content: dict[str, Any]) -> None:

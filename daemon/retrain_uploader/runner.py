@@ -131,6 +131,7 @@ class Runner:
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
         self._status_failures: dict[int, int] = {}
+        self._waits: dict[int, int] = {}  # job id -> times it waited for the same content in another job
         # Set on shutdown: a job finishes the step it is in, and starts no new one (no new remote job, no new PUT);
         # packaging, which can take minutes for a large pair, is stopped at its next chunk.
         self._cancel = threading.Event()
@@ -162,7 +163,11 @@ class Runner:
             except _Failed as e:
                 job = self._fail(job, e.reason, e.hint)
             except _WaitFor:
-                return RetryLater(max(self.settings.retry.base_delay_s, 1.0))
+                if model.paused_reason is not None:
+                    return Parked(model.paused_reason)  # the job it waits for is parked too
+                waits = self._waits.get(job.id, 0) + 1
+                self._waits[job.id] = waits
+                return RetryLater(min(self.settings.retry.base_delay_s * 2**waits, self.settings.retry.max_delay_s))
             except _Stopped:
                 return RetryLater(0.0)  # still `packaging` in the ledger: packaged again at the next start
             except Exception as e:
@@ -181,6 +186,8 @@ class Runner:
     async def _package(self, job: Job, model: ModelContext) -> Job:
         if job.state is not State.PACKAGING:
             job = self.ledger.update(job.id, state=State.PACKAGING, event="state", detail={"state": "packaging"})
+        if job.content_sha256 and self._packaged_still_valid(job, model):
+            return self._claim(job, model)  # waited for the same content in another job: no need to zip it again
         await asyncio.to_thread(drop_staged, job)
         started = self._monotonic()
         try:
@@ -217,8 +224,13 @@ class Runner:
             sha256=pkg.sha256,
             duration_s=round(self._monotonic() - started, 3),
         )
-        claim = self.ledger.claim_content(job.id, model.name, pkg.content_sha256)
+        return self._claim(job, model)
+
+    def _claim(self, job: Job, model: ModelContext) -> Job:
+        assert job.content_sha256 is not None
+        claim = self.ledger.claim_content(job.id, model.name, job.content_sha256)
         if claim is None:
+            self._waits.pop(job.id, None)
             return self.ledger.get(job.id)
         earlier, in_flight = claim
         if in_flight:
@@ -231,6 +243,7 @@ class Runner:
                 same_as=earlier,
             )
             raise _WaitFor(earlier)
+        self._waits.pop(job.id, None)
         log.info("job.duplicate", model=model.name, job_id=job.id, file=job.upload_filename, same_as=earlier)
         return self.ledger.update(
             job.id,
@@ -488,7 +501,7 @@ class Runner:
         changes: dict[str, Any] = {}
         if isinstance(error, SourceChanged):  # the PUT was cut before its last byte: package the file as it is now
             self._tickets.pop(job.id, None)
-            changes = {"state": State.PACKAGING, "put_started": 0}
+            changes = {"state": State.PACKAGING, "put_started": 0, "content_sha256": None}
         delay = backoff_delay(
             attempts,
             base_s=self.settings.retry.base_delay_s,
@@ -551,6 +564,15 @@ class Runner:
         job = self.ledger.create_job(model=model.name, kind="reject", name=name, sources=[name], upload_filename=name)
         job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
         return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
+
+    def _packaged_still_valid(self, job: Job, model: ModelContext) -> bool:
+        if job.package_path and not Path(job.package_path).exists():
+            return False
+        try:
+            self._check_sources_unchanged(job, model)
+        except SourceChanged:
+            return False
+        return True
 
     def _check_sources_unchanged(self, job: Job, model: ModelContext) -> None:
         """A pair's zip was built from its sources: if they changed since, build it again (the zip's own digest,

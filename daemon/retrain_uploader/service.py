@@ -204,8 +204,11 @@ class Service:
                 model = model.model_copy(update={"inbox": ctx.settings.inbox})
             rewatch = model.name not in active or model.inbox != ctx.settings.inbox
             ctx.settings = model
-            if rewatch or new.watch != self._watchers[model.name].settings:
-                self._watch_stops[model.name].set()
+            current = self._watchers.get(model.name)
+            if rewatch or current is None or new.watch != current.settings:
+                stop = self._watch_stops.get(model.name)
+                if stop is not None:
+                    stop.set()
                 self._watchers[model.name] = self._make_watcher(model)
                 self._run_watcher(model.name)
                 if model.name not in active:
@@ -253,6 +256,7 @@ class Service:
 
     # -- models -------------------------------------------------------------------------------------------------------
     def _start_model(self, model: ModelSettings) -> None:
+        watcher = self._make_watcher(model)  # first: an inbox that cannot be created leaves nothing half-registered
         reason: str | None = None
         try:
             key = model.read_api_key()
@@ -269,7 +273,7 @@ class Service:
             # Paused by an earlier run: try the key again now rather than wait a whole interval.
             ctx.paused_reason = stored
             self._schedule_probe(ctx, 0.0)
-        self._watchers[model.name] = self._make_watcher(model)
+        self._watchers[model.name] = watcher
 
     def _make_watcher(self, model: ModelSettings) -> InboxWatcher:
         for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):

@@ -109,9 +109,12 @@ class RetrainTracker:
         now = self._monotonic()
         auto = [name for name, ctx in self.models.items() if ctx.settings.auto_switch]
         jobs = self.ledger.tracked(download=self.settings.status.download_result, auto_switch_models=auto, ids=ids)
-        due = [job for job in jobs if self._wanted(job) and self._next.get(job.id, 0) <= now]
-        if ids is None:
-            self._next = {k: v for k, v in self._next.items() if k in {j.id for j in jobs}}
+        wanted = [job for job in jobs if self._wanted(job)]
+        due = [job for job in wanted if self._next.get(job.id, 0) <= now]
+        # Forget schedules of jobs not wanted now (a paused model: resuming pokes a full poll) or no longer tracked
+        # (ended, or moved on by the CLI): a stale due time in the past would make the loop spin.
+        keep = {job.id for job in wanted}
+        self._next = {k: v for k, v in self._next.items() if k in keep or (ids is not None and k not in ids)}
         limit = asyncio.Semaphore(self.settings.pool.workers)
 
         async def check(job: Job) -> None:
@@ -126,6 +129,8 @@ class RetrainTracker:
             return False
         if job.state is State.FINISHED:
             return self._needs_download(job) or ctx.settings.auto_switch
+        if job.state is State.SWITCHED:  # switched by hand before its result was fetched
+            return self._needs_download(job)
         return True
 
     def _needs_download(self, job: Job) -> bool:
@@ -134,31 +139,16 @@ class RetrainTracker:
     async def _check(self, job: Job) -> None:
         ctx = self.models[job.model]
         assert job.retrain_job_id is not None
-        if self._timed_out(job):
-            hours = self.settings.status.give_up_after_h
-            reason = f"no end of retraining after {hours:g} h (last status {job.retrain_status!r}); check it in the UI"
-            self.ledger.update(
-                job.id,
-                state=State.RETRAIN_TIMEOUT,
-                error=reason,
-                event="retrain_timeout",
-                detail={"last_status": job.retrain_status},
-                expect_state=job.state,
-            )
-            log.error(
-                "retrain.gave_up",
-                model=job.model,
-                job_id=job.id,
-                file=job.upload_filename,
-                retrain_job_id=job.retrain_job_id,
-                status=job.retrain_status,
-                hours=hours,
-            )
+        try:
+            if self._timed_out(job):
+                self._give_up(job)
+                return
+        except StaleJob:
             return
         try:
             status = await self.client.get_status(ctx.api_key, job.retrain_job_id)
             job = self._record(job, status)
-            if job.state is State.FINISHED:
+            if job.state in (State.FINISHED, State.SWITCHED):
                 await self._finish(job, ctx, status)
         except StaleJob:
             return  # someone else (the CLI's switch) moved the job on; nothing to do
@@ -172,10 +162,31 @@ class RetrainTracker:
         self._failures.pop(job.id, None)
         self._next[job.id] = self._monotonic() + self.settings.status.poll_s
 
+    def _give_up(self, job: Job) -> None:
+        hours = self.settings.status.give_up_after_h
+        reason = f"no end of retraining after {hours:g} h (last status {job.retrain_status!r}); check it in the UI"
+        self.ledger.update(
+            job.id,
+            state=State.RETRAIN_TIMEOUT,
+            error=reason,
+            event="retrain_timeout",
+            detail={"last_status": job.retrain_status},
+            expect_state=job.state,
+        )
+        log.error(
+            "retrain.gave_up",
+            model=job.model,
+            job_id=job.id,
+            file=job.upload_filename,
+            retrain_job_id=job.retrain_job_id,
+            status=job.retrain_status,
+            hours=hours,
+        )
+
     def _record(self, job: Job, status: JobStatus) -> Job:
         state = interpret(status.status)
-        if job.state is State.FINISHED:
-            return job  # a finished job is polled again only for a fresh download URL
+        if job.state in (State.FINISHED, State.SWITCHED):
+            return job  # polled again only for a fresh download URL (or, finished, to switch)
         changed = state is not job.state or status.status != job.retrain_status
         if not changed:
             return job
@@ -220,7 +231,7 @@ class RetrainTracker:
                 result_path=relative,
                 event="result_downloaded",
                 detail={"path": relative, "size_bytes": size},
-                expect_state=State.FINISHED,
+                expect_state=job.state,
             )
             log.info(
                 "retrain.result_downloaded",
@@ -230,7 +241,7 @@ class RetrainTracker:
                 path=relative,
                 size_bytes=size,
             )
-        if ctx.settings.auto_switch:
+        if ctx.settings.auto_switch and job.state is State.FINISHED:
             await self.switch(job, ctx)
 
     async def switch(self, job: Job, ctx: ModelContext) -> Job:
@@ -266,13 +277,14 @@ class RetrainTracker:
             error=why,
         )
         return self.ledger.update(
-            job.id, result_path="", event="result_unavailable", detail={"error": why}, expect_state=State.FINISHED
+            job.id, result_path="", event="result_unavailable", detail={"error": why}, expect_state=job.state
         )
 
     def _on_error(self, job: Job, ctx: ModelContext, error: Exception) -> None:
         verdict = classify(error)
         if isinstance(verdict, Pause):
             self._on_pause(ctx, verdict.reason)
+            self._next[job.id] = self._monotonic() + self.settings.status.poll_s
             return
         failures = self._failures.get(job.id, 0) + 1
         self._failures[job.id] = failures
@@ -298,7 +310,7 @@ class RetrainTracker:
                 )
                 return
             gave_up = failures >= self.settings.retry.max_attempts
-            if job.state is State.FINISHED and gave_up and self._needs_download(job):
+            if job.state in (State.FINISHED, State.SWITCHED) and gave_up and self._needs_download(job):
                 self._no_result(job, f"gave up after {failures} attempts: {reason}")
                 self._failures.pop(job.id, None)
                 return
@@ -322,7 +334,7 @@ class RetrainTracker:
             self.ledger.note_model(job.model, error=reason)
 
     def _timed_out(self, job: Job) -> bool:
-        if job.state is State.FINISHED or job.uploaded_at is None:
+        if job.state in (State.FINISHED, State.SWITCHED) or job.uploaded_at is None:
             return False
         uploaded = datetime.fromisoformat(job.uploaded_at.replace("Z", "+00:00")).timestamp()
         return self._clock() - uploaded > self.settings.status.give_up_after_h * 3600
