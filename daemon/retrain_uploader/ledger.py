@@ -90,6 +90,16 @@ class Job:
     result_path: str | None = None
     switched_at: str | None = None
 
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every log line about this job carries, so `jq 'select(.job_id==7 or .file=="x.csv")'` finds
+        all of them."""
+        return {
+            "model": self.model,
+            "job_id": self.id,
+            "file": self.upload_filename,
+            "retrain_job_id": self.retrain_job_id,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -298,7 +308,13 @@ class Ledger:
             f" OR model IN ({', '.join('?' * len(models))}))) OR (state = ? AND ? AND result_path IS NULL))"
         )
         args: list[Any] = [
-            State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models, State.SWITCHED, int(download)
+            State.UPLOADED,
+            State.RETRAINING,
+            State.FINISHED,
+            int(download),
+            *models,
+            State.SWITCHED,
+            int(download),
         ]
         if ids is not None:
             sql += f" AND id IN ({', '.join('?' * len(ids))})"

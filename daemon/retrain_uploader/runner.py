@@ -480,10 +480,7 @@ class Runner:
             self._tickets.pop(job.id, None)
             log.warning(
                 "upload.url_rejected",
-                model=job.model,
-                job_id=job.id,
-                file=job.upload_filename,
-                retrain_job_id=job.retrain_job_id,
+                **job.log_fields(),
                 error=reason,
                 attempt=attempts,
             )
@@ -519,10 +516,7 @@ class Runner:
         )
         log.warning(
             "upload.retry_scheduled",
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             state=str(job.state),
             attempt=attempts,
             delay_s=round(delay, 3),
@@ -536,10 +530,7 @@ class Runner:
         reason = scrub(reason)
         log.error(
             "job.failed",
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             state=str(job.state),
             error=reason,
         )

@@ -175,10 +175,7 @@ class RetrainTracker:
         )
         log.error(
             "retrain.gave_up",
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             status=job.retrain_status,
             hours=hours,
         )
@@ -208,10 +205,7 @@ class RetrainTracker:
         logger = log.error if state is State.RETRAIN_FAILED else log.info
         logger(
             event,
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             status=status.status,
             message=message,
             model_id=status.model_id,
@@ -258,10 +252,7 @@ class RetrainTracker:
         )
         log.info(
             "model.switched",
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             model_id=job.model_id,
         )
         return job
@@ -270,10 +261,7 @@ class RetrainTracker:
         """Stop trying to download a result: an empty ``result_path`` means "not available"."""
         log.warning(
             "retrain.result_unavailable",
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             error=why,
         )
         return self.ledger.update(
@@ -302,10 +290,7 @@ class RetrainTracker:
                 )
                 log.error(
                     "retrain.lost",
-                    model=job.model,
-                    job_id=job.id,
-                    file=job.upload_filename,
-                    retrain_job_id=job.retrain_job_id,
+                    **job.log_fields(),
                     error=reason,
                 )
                 return
@@ -321,10 +306,7 @@ class RetrainTracker:
         self._next[job.id] = self._monotonic() + delay
         log.warning(
             "retrain.check_failed",
-            model=job.model,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
+            **job.log_fields(),
             state=str(job.state),
             error=reason,
             attempt=failures,
