@@ -241,3 +241,33 @@ def test_a_one_column_file_is_refused_with_a_hint_about_its_separator(tmp_path: 
     plain.write_text("target\n1\n0\n")
     with pytest.raises(InputError, match="needs a target and at least one feature"):
         package_csv(plain)
+
+
+def test_a_set_cancel_event_stops_every_kind_of_packaging_and_leaves_nothing(tmp_path: Path) -> None:
+    import threading
+    import zipfile
+
+    from retrain_uploader.packager import Cancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_bytes(table(50))
+    zip_path = tmp_path / "z.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train_src/z.csv", table(50))
+    train, eval_ = tmp_path / "p.train.csv", tmp_path / "p.eval.csv"
+    train.write_bytes(table(50))
+    eval_.write_bytes(table(5))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(Cancelled):
+        package_csv(csv_path, cancel=cancel)
+    with pytest.raises(Cancelled):
+        package_zip(zip_path, cancel=cancel)
+    with pytest.raises(Cancelled):
+        package_pair("p", train, eval_, staging, job_id=1, cancel=cancel)
+    assert list(staging.iterdir()) == []
+    cancel.clear()  # not set: the same calls go through
+    assert package_zip(zip_path, cancel=cancel).upload_filename == "z.zip"
+    assert package_pair("p", train, eval_, staging, job_id=1, cancel=cancel).temporary

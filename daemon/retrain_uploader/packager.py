@@ -60,9 +60,20 @@ def package_csv(path: Path, *, cancel: threading.Event | None = None) -> Package
                    content_sha256=report.sha256, temporary=False)
 
 
-def package_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: int = 64 << 30) -> Package:
+def package_zip(
+    path: Path,
+    *,
+    max_ratio: float = 200.0,
+    max_uncompressed_bytes: int = 64 << 30,
+    cancel: threading.Event | None = None,
+) -> Package:
     """Check a dropped zip (layout, zip-bomb limits, each CSV inside) and hash it; uploaded unchanged."""
-    report = check_zip(path, max_ratio=max_ratio, max_uncompressed_bytes=max_uncompressed_bytes)
+    report = check_zip(
+        path,
+        max_ratio=max_ratio,
+        max_uncompressed_bytes=max_uncompressed_bytes,
+        sink=_watching(cancel) if cancel is not None else None,
+    )
     _trainable(report.train, f"{path.name}:{report.train_member}")
     return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
                    content_sha256=report.sha256, temporary=False)

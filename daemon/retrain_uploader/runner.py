@@ -260,7 +260,10 @@ class Runner:
             return packager.package_csv(paths[0], cancel=self._cancel)
         if job.kind == "zip":
             return packager.package_zip(
-                paths[0], max_ratio=limits.max_zip_ratio, max_uncompressed_bytes=limits.max_uncompressed_bytes
+                paths[0],
+                max_ratio=limits.max_zip_ratio,
+                max_uncompressed_bytes=limits.max_uncompressed_bytes,
+                cancel=self._cancel,
             )
         self.settings.staging_dir.mkdir(parents=True, exist_ok=True)
         return packager.package_pair(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -28,8 +29,16 @@ class ZipReport:
 
 
 
-def check_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: int = 64 << 30) -> ZipReport:
+def check_zip(
+    path: Path,
+    *,
+    max_ratio: float = 200.0,
+    max_uncompressed_bytes: int = 64 << 30,
+    sink: Callable[[bytes], object] | None = None,
+) -> ZipReport:
     """Check a user-made zip: spec layout, zip-bomb limits, each CSV member, equal headers; hash the zip.
+
+    ``sink`` sees each member's inflated bytes as they are checked (the packager uses it to stop a long check).
 
     Layout: ``train_src/<one .csv>`` (required), optionally ``eval_src/<one .csv>``, and the two folder
     entries; nothing else. Sizes are the ones the zip declares; zipfile never inflates a member past its
@@ -40,7 +49,7 @@ def check_zip(path: Path, *, max_ratio: float = 200.0, max_uncompressed_bytes: i
         try:
             with zipfile.ZipFile(f) as zf:
                 members = _layout(zf, path.name, max_ratio, max_uncompressed_bytes)
-                reports = {folder: _check_member(zf, info, path.name) for folder, info in members.items()}
+                reports = {folder: _check_member(zf, info, path.name, sink) for folder, info in members.items()}
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             msg = f"{path.name}: not a valid zip file, or corrupt ({e}); create it again and drop it again"
             raise InputError(msg) from e
@@ -114,11 +123,13 @@ def _member_name(info: zipfile.ZipInfo) -> str:
     return info.filename
 
 
-def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> CsvReport:
+def _check_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, sink: Callable[[bytes], object] | None
+) -> CsvReport:
     member = f"{name}:{_member_name(info)}"
     try:
         with zf.open(info) as raw:
-            return check_csv_stream(raw, name=member)
+            return check_csv_stream(raw, name=member, sink=sink)
     except (NotImplementedError, RuntimeError) as e:  # unsupported compression method, password needed
         msg = f"{member}: cannot be read ({e}); create the zip again with normal (deflate) compression"
         raise InputError(msg) from e
