@@ -7,6 +7,7 @@ The daemon's one connection is used from the event loop; each statement is a sho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -124,6 +125,17 @@ class Job:
             "switched_at": self.switched_at,
         }
 
+
+# Every Job field is a column; these are fixed when the job is created (updated_at is set by update() itself).
+_UPDATABLE = frozenset(f.name for f in dataclasses.fields(Job)) - {
+    "id",
+    "model",
+    "kind",
+    "name",
+    "sources",
+    "created_at",
+    "updated_at",
+}
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: the core ledger
@@ -340,28 +352,7 @@ class Ledger:
         With ``expect_state`` the change is made only if the job is still in that state (another process — the CLI's
         ``switch`` — may have moved it on); otherwise :class:`StaleJob` is raised and nothing changes.
         """
-        allowed = {
-            "state",
-            "sha256",
-            "content_sha256",
-            "size_bytes",
-            "package_path",
-            "retrain_job_id",
-            "status_before_put",
-            "put_started",
-            "attempts",
-            "error",
-            "moved_to",
-            "upload_filename",
-            "closed",
-            "uploaded_at",
-            "retrain_status",
-            "retrain_message",
-            "model_id",
-            "result_path",
-            "switched_at",
-        }
-        unknown = set(fields) - allowed
+        unknown = set(fields) - _UPDATABLE
         if unknown:
             raise ValueError(f"unknown job fields: {sorted(unknown)}")
         values = {k: (json.dumps(list(v)) if k == "moved_to" else v) for k, v in fields.items()}
