@@ -494,3 +494,9 @@ def test_errno_of_other_os_errors_is_kept(tmp_path: Path) -> None:
         open_regular(tmp_path / "missing" / "x.csv")
     assert e.value.errno == errno.ENOENT
     assert not isinstance(e.value, InputError)
+
+
+def test_a_bare_cr_inside_a_crlf_row_is_judged_like_the_csv_module() -> None:
+    # Found by hypothesis on a fresh clone: the byte-level fast path counted the stray CR as the row's terminator.
+    data = b",1\r\n,\r1\n"
+    assert outcome(data, 1 << 20) == reference(data) is None

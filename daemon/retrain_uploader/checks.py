@@ -301,6 +301,8 @@ def _fast_rows(region: bytes, pattern: bytes) -> int | None:
         region = b"\0".join(parts[::2])
         if misplaced.search(region):
             return None
+    if pattern.endswith(b"\r\n") and region.count(b"\r") != region.count(b"\r\n"):
+        return None  # a bare CR outside quotes ends a row for csv; the skeleton below would blur its position
     skeleton = region.translate(None, noise)
     n = skeleton.count(b"\n")
     return n if len(skeleton) == n * len(pattern) and skeleton.count(pattern) == n else None
