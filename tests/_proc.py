@@ -56,7 +56,13 @@ def write_config(
         "api": {"base_url": base_url, "connect_timeout_s": 2, "request_timeout_s": 5, "upload_read_timeout_s": 5},
         "ledger": {"path": tmp_path / "state" / "ledger.sqlite3"},
         "watch": {"settle_s": 0.1, "rescan_s": 0.5},
-        "retry": {"base_delay_s": 0.05, "max_delay_s": 0.3, "max_attempts": 200, "paused_retry_s": 0.2},
+        "retry": {
+            "base_delay_s": 0.05,
+            "max_delay_s": 0.3,
+            "max_attempts": 200,
+            "paused_retry_s": 0.2,
+            "unknown_outcome_wait_s": 0.2,
+        },
         "pool": {"workers": 2, "shutdown_grace_s": 5},
     }
     if "status" in Settings.model_fields:  # the retrain tracker's section, where this version has one

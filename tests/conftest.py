@@ -53,7 +53,13 @@ def make_settings(tmp_path: Path, emulator: Emulator) -> Callable[..., Settings]
             "api": {"base_url": emulator.base_url, "request_timeout_s": 5, "upload_read_timeout_s": 5},
             "ledger": {"path": str(tmp_path / "state" / "ledger.sqlite3")},
             "watch": {"settle_s": 0.05, "rescan_s": 0.5},
-            "retry": {"base_delay_s": 0.01, "max_delay_s": 0.05, "max_attempts": 6, "paused_retry_s": 0.2},
+            "retry": {
+                "base_delay_s": 0.01,
+                "max_delay_s": 0.05,
+                "max_attempts": 6,
+                "paused_retry_s": 0.2,
+                "unknown_outcome_wait_s": 0.2,
+            },
             "pool": {"workers": 2, "shutdown_grace_s": 5},
             "status": {"poll_s": 0.1, "max_poll_delay_s": 0.5},
             "models": [

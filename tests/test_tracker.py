@@ -183,3 +183,39 @@ def test_interpret_status_values() -> None:
         assert interpret(failed) is State.RETRAIN_FAILED
     for running in ("retraining", "queued", "", "新しい状態"):
         assert interpret(running) is State.RETRAINING
+
+
+async def test_odd_status_answers_do_not_end_a_healthy_retraining(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    odd = [
+        ("http_status", {"status": 404, "body": "<html>Not Found</html>", "content_type": "text/html"}),
+        ("http_status", {"status": 400, "body": '{"message": "Bad Request"}', "content_type": "application/json"}),
+        ("http_status", {"status": 403, "body": "<html>Forbidden by the gateway</html>", "content_type": "text/html"}),
+        ("malformed", {}),
+        ("wrong_shape", {}),
+    ]
+    before = sum(r.endpoint == "status" for r in emulator.requests)
+    for kind, params in odd:
+        emulator.inject("status", kind, **params)
+    await wait_for(lambda: sum(r.endpoint == "status" and r.status for r in emulator.requests) > before + len(odd),
+                   what="every odd answer given, and one more")
+    [job] = d.jobs()
+    assert job.state is State.RETRAINING, job.error  # no odd answer ended it as retrain_failed
+    clock.finish_retraining()
+    job = await wait_for(job_state(d, State.FINISHED), what="finished")
+    assert [u.filename for u in emulator.uploads] == ["churn.csv"]
+
+
+async def test_the_documented_not_found_answer_ends_a_retraining(
+    start_daemon, emulator: Emulator, tmp_path: Path
+) -> None:
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    emulator.jobs.clear()  # deleted on the service's side: the documented "Not found retrain job."
+    job = await wait_for(job_state(d, State.RETRAIN_FAILED), what="retrain_failed")
+    assert "Not found retrain job." in (job.error or "")

@@ -36,11 +36,16 @@ _MAX_ERROR_BODY = 8192
 
 
 class TransportError(ConnectionError):
-    """No HTTP answer: connection refused or cut, or a timeout. For a PUT the outcome is unknown."""
+    """No HTTP answer: connection refused or cut, or a timeout.
 
-    def __init__(self, endpoint: str, detail: str) -> None:
+    For a PUT, ``body_complete`` says whether its last byte was handed to the connection: if not, the storage cannot
+    hold the object (no retraining started); if so, the outcome is unknown until the status check settles it.
+    """
+
+    def __init__(self, endpoint: str, detail: str, *, body_complete: bool = True) -> None:
         self.endpoint = endpoint
         self.detail = detail
+        self.body_complete = body_complete
         super().__init__(f"{endpoint}: {detail}")
 
 
@@ -116,6 +121,7 @@ class _FilePayload(aiohttp.payload.Payload):
         self._size = size
         self._sha256 = sha256
         self.sent = 0
+        self.handed = 0  # bytes given to the writer, counted before each write (the last one may be under way)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file payload is not text")
@@ -148,6 +154,7 @@ class _FilePayload(aiohttp.payload.Payload):
                     hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, chunk))
                 try:
                     if held:
+                        self.handed += len(held)
                         await writer.write(held)
                         self.sent += len(held)
                 finally:
@@ -160,8 +167,13 @@ class _FilePayload(aiohttp.payload.Payload):
         finally:
             await f.close()
         if held:
+            self.handed += len(held)
             await writer.write(held)
             self.sent += len(held)
+
+    @property
+    def body_complete(self) -> bool:
+        return self.handed >= self._length
 
 
 class Client:
@@ -249,9 +261,10 @@ class Client:
         except aiohttp.ClientError as e:
             if isinstance(e.__cause__, SourceChanged):
                 raise e.__cause__ from None
-            raise TransportError("put", _transport_detail(e)) from None
+            raise TransportError("put", _transport_detail(e), body_complete=payload.body_complete) from None
         except TimeoutError:
-            raise TransportError("put", "timed out waiting for the storage server") from None
+            detail = "timed out waiting for the storage server"
+            raise TransportError("put", detail, body_complete=payload.body_complete) from None
 
     async def download(self, url: str, dest: Path) -> int:
         """Stream ``url`` into ``dest`` (via a hidden temporary name); returns the byte count."""

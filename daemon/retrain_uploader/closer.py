@@ -6,13 +6,15 @@ the same moves.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from .ledger import Job, Ledger, State
-from .mover import apply_moves, plan_moves, write_error_file
+from .mover import apply_moves, plan_moves, rename_no_replace, write_error_file
+from .packager import source_identity
 from .watcher import DONE_DIR, FAILED_DIR
 
 __all__ = ["close_job", "drop_staged"]
@@ -34,11 +36,22 @@ def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
             error_stem=job.name if failed else None,
         )
         job = ledger.update(job.id, moved_to=targets)
-    missing = apply_moves(inbox, job.sources, job.moved_to)
+    mine, replaced = _still_ours(inbox, job)
+    missing = apply_moves(inbox, [job.sources[i] for i in mine], [job.moved_to[i] for i in mine])
+    replaced += _moved_back(inbox, job, mine)
+    for name in replaced:
+        log.warning(
+            "job.source_replaced",
+            **job.log_fields(),
+            source=name,
+            action="left in the inbox: it is not the file this job checked, and becomes a job of its own",
+        )
     if failed:
-        write_error_file(inbox / job.moved_to[-1], _error_content(ledger, job, missing))
+        write_error_file(inbox / job.moved_to[-1], _error_content(ledger, job, missing, replaced))
     drop_staged(job)
-    job = ledger.update(job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to)})
+    job = ledger.update(
+        job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to), "replaced": replaced or None}
+    )
     log.info(
         "job.closed",
         model=job.model,
@@ -51,6 +64,45 @@ def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
     return job
 
 
+def _still_ours(inbox: Path, job: Job) -> tuple[list[int], list[str]]:
+    """Indexes of the sources to move, and the names now held by another file than the one this job checked.
+
+    A source already at its target (a replay after a crash) is "ours" (apply_moves leaves it alone). Jobs from
+    before schema 3 recorded no identity: theirs are moved as before.
+    """
+    mine: list[int] = []
+    replaced: list[str] = []
+    for i, name in enumerate(job.sources):
+        recorded = (job.source_ids or {}).get(name)
+        if recorded is None or os.path.lexists(inbox / job.moved_to[i]):
+            mine.append(i)
+            continue
+        now = source_identity(inbox / name)
+        if now and now != recorded:
+            replaced.append(name)
+        else:
+            mine.append(i)  # the checked file, or nothing (the user took it: reported as missing)
+    return mine, replaced
+
+
+def _moved_back(inbox: Path, job: Job, moved: list[int]) -> list[str]:
+    """A file dropped in the instant between the identity check and the rename was moved by mistake: put it back."""
+    back: list[str] = []
+    for i in moved:
+        name, target = job.sources[i], job.moved_to[i]
+        recorded = (job.source_ids or {}).get(name)
+        now = source_identity(inbox / target)
+        if recorded is None or not now or now == recorded:
+            continue
+        try:
+            rename_no_replace(inbox / target, inbox / name)
+        except OSError as e:
+            log.error("job.source_replaced_not_restored", **job.log_fields(), source=name, error=str(e))
+            continue
+        back.append(name)
+    return back
+
+
 def drop_staged(job: Job) -> None:
     """Remove the job's staging zip (and a partial one), if it has one. Sources are never touched here."""
     if job.package_path:
@@ -58,7 +110,7 @@ def drop_staged(job: Job) -> None:
         Path(job.package_path + ".part").unlink(missing_ok=True)
 
 
-def _error_content(ledger: Ledger, job: Job, missing: list[str]) -> dict[str, Any]:
+def _error_content(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -> dict[str, Any]:
     failed_event = next((e for e in reversed(ledger.events(job.id)) if e["event"] == "failed"), None)
     detail = failed_event["detail"] if failed_event else {}
     return {
@@ -67,6 +119,7 @@ def _error_content(ledger: Ledger, job: Job, missing: list[str]) -> dict[str, An
         "sources": list(job.sources),
         "moved_to": list(job.moved_to[: len(job.sources)]),
         "missing": missing,
+        "replaced": replaced,
         "upload_filename": job.upload_filename,
         "failed_at_state": detail.get("at_state"),
         "error": job.error,

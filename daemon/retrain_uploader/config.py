@@ -64,6 +64,9 @@ class RetrySettings(_Section):
     max_delay_s: PositiveFloat = 300.0
     max_attempts: Annotated[int, Field(ge=1)] = 12
     paused_retry_s: PositiveFloat = 300.0
+    # After a PUT whose answer was lost, an unchanged remote status is read as "not arrived" (and the file sent
+    # again) only once this long has passed: the status may change some time after the upload lands.
+    unknown_outcome_wait_s: NonNegativeFloat = 300.0
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:

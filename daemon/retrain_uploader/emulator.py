@@ -109,7 +109,8 @@ class Emulator:
     """The Retrain API on `host:port` (port 0 picks a free one); use `async with Emulator() as emu:`.
 
     keys maps api_key -> model_id. url_ttl_s is the lifetime of upload and download URLs; retrain_s the
-    time from a completed PUT to `job_finished`; latency_s a delay before every non-admin answer;
+    time from a completed PUT to `job_finished`; latency_s a delay before every non-admin answer; status_lag_s how
+    long a received upload still shows `waiting_for_upload` (the real service's lag is unknown);
     store_dir, if set, receives each completed PUT body as `<job_id>.bin`; clock drives expiry and retraining.
     """
 
@@ -122,6 +123,7 @@ class Emulator:
         url_ttl_s: float = 3600.0,
         retrain_s: float = 0.0,
         latency_s: float = 0.0,
+        status_lag_s: float = 0.0,
         store_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,6 +132,7 @@ class Emulator:
         self._host, self._port = host, port
         self._url_ttl_s, self._retrain_s, self._latency_s = url_ttl_s, retrain_s, latency_s
         self._store_dir, self._clock = store_dir, clock
+        self._status_lag_s = status_lag_s
         self._secret = secrets.token_bytes(32)
         self._grants: dict[str, float] = {}  # signed path -> expiry on the emulator clock
         self._result_urls: dict[str, str] = {}
@@ -298,6 +301,8 @@ class Emulator:
 
     def _refresh(self, job: Job) -> Job:
         started = job.retrain_started_at
+        if job.status == WAITING and started is not None and self._clock() >= started:
+            job.status = RETRAINING
         if job.status == RETRAINING and started is not None and self._clock() >= started + self._retrain_s:
             job.status, job.message = self._failures.get(job.model_id, (FINISHED, None))
             log.info("emulator.retrain_ended", job_id=job.job_id, status=job.status)
@@ -361,7 +366,8 @@ class Emulator:
         job, now = self._jobs[job_id], self._clock()
         target = _redact(request.raw_path)
         self.uploads.append(Upload(job_id, job.filename, sha256, expected, expected, target, now))
-        job.status, job.message, job.uploaded_sha256, job.retrain_started_at = RETRAINING, None, sha256, now
+        job.message, job.uploaded_sha256, job.retrain_started_at = None, sha256, now + self._status_lag_s
+        job.status = RETRAINING if self._status_lag_s <= 0 else WAITING
         job.uploads += 1
         log.info("emulator.upload_received", job_id=job_id, filename=job.filename, size=expected, sha256=sha256)
         return web.Response()

@@ -90,6 +90,15 @@ class Job:
     model_id: int | None = None
     result_path: str | None = None
     switched_at: str | None = None
+    # The inbox the job was taken from (resolved): a model renamed in the config keeps its inbox, its history and
+    # its duplicates. None for jobs written before schema 3.
+    inbox: str | None = None
+    # Each source's identity when it was checked: {name: [device, inode, size, mtime_ns]}. Only files with this
+    # identity are moved out of the inbox when the job closes; a file dropped again under the same name stays.
+    source_ids: dict[str, list[int]] | None = None
+    # When the daemon last learned that a PUT of this job has an unknown outcome (its answer was lost), until the
+    # status check settles it.
+    outcome_unknown_since: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log line about this job carries, so `jq 'select(.job_id==7 or .file=="x.csv")'` finds
@@ -123,6 +132,7 @@ class Job:
             "model_id": self.model_id,
             "result_path": self.result_path,
             "switched_at": self.switched_at,
+            "outcome_unknown_since": self.outcome_unknown_since,
         }
 
 
@@ -191,10 +201,18 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN switched_at TEXT;
     CREATE INDEX jobs_model_state ON jobs(model, state);
     """,
+    # 3: exactly once across renames and re-drops: the inbox of each job, the identity of the files it checked, and
+    # whether its last PUT's outcome is unknown
+    """
+    ALTER TABLE jobs ADD COLUMN inbox TEXT;
+    ALTER TABLE jobs ADD COLUMN source_ids TEXT;
+    ALTER TABLE jobs ADD COLUMN outcome_unknown_since TEXT;
+    CREATE INDEX jobs_inbox_content ON jobs(inbox, content_sha256);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _DUPLICATE_OF = (
-    "SELECT id, state FROM jobs WHERE model = ? AND content_sha256 = ? AND id != ?"  # noqa: S608 -- placeholders
+    "SELECT id, state FROM jobs WHERE (model = ? OR inbox = ?) AND content_sha256 = ? AND id != ?"  # noqa: S608
     f" AND state IN ({', '.join('?' * len(_SENT_OR_SENDING))}) ORDER BY id LIMIT 1"
 )
 
@@ -261,13 +279,22 @@ class Ledger:
         self._db.execute("COMMIT")
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
-    def create_job(self, *, model: str, kind: str, name: str, sources: Sequence[str], upload_filename: str) -> Job:
+    def create_job(
+        self,
+        *,
+        model: str,
+        kind: str,
+        name: str,
+        sources: Sequence[str],
+        upload_filename: str,
+        inbox: str | None = None,
+    ) -> Job:
         now = _now_iso(self._clock)
         with self._tx():
             cur = self._db.execute(
-                "INSERT INTO jobs (model, kind, name, sources, upload_filename, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (model, kind, name, json.dumps(list(sources)), upload_filename, State.QUEUED, now, now),
+                "INSERT INTO jobs (model, kind, name, sources, upload_filename, state, created_at, updated_at, inbox)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, kind, name, json.dumps(list(sources)), upload_filename, State.QUEUED, now, now, inbox),
             )
             job_id = int(cur.lastrowid or 0)
             self._event(job_id, "created", {"sources": list(sources)})
@@ -355,7 +382,7 @@ class Ledger:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise ValueError(f"unknown job fields: {sorted(unknown)}")
-        values = {k: (json.dumps(list(v)) if k == "moved_to" else v) for k, v in fields.items()}
+        values = {k: _column_value(k, v) for k, v in fields.items()}
         values["updated_at"] = _now_iso(self._clock)
         assignments = ", ".join(f"{k} = ?" for k in values)
         sql = f"UPDATE jobs SET {assignments} WHERE id = ?"  # noqa: S608 -- keys are from the allow-list above
@@ -370,15 +397,20 @@ class Ledger:
                 self._event(job_id, event, detail if detail is not None else _event_detail(fields))
         return self.get(job_id)
 
-    def claim_content(self, job_id: int, model: str, content_sha256: str) -> tuple[int, bool] | None:
-        """Move a packaged job to ``requesting`` unless the same content was sent or is being sent.
+    def claim_content(
+        self, job_id: int, model: str, content_sha256: str, *, inbox: str | None = None
+    ) -> tuple[int, bool] | None:
+        """Move a packaged job to ``requesting`` unless the same content was sent or is being sent, by this model or
+        by any job taken from the same inbox (a model renamed in the config is the same remote model).
 
         Returns None when claimed; else ``(earlier job id, still_in_flight)`` and leaves this job untouched: a
         duplicate when the earlier job's upload is done, a job to try later while the earlier one is under way (it
         may yet fail, and then this content still has to be sent).
         """
         with self._tx():
-            row = self._db.execute(_DUPLICATE_OF, (model, content_sha256, job_id, *_SENT_OR_SENDING)).fetchone()
+            row = self._db.execute(
+                _DUPLICATE_OF, (model, inbox, content_sha256, job_id, *_SENT_OR_SENDING)
+            ).fetchone()
             if row is not None:
                 return int(row[0]), row[1] in _IN_FLIGHT
             self._db.execute(
@@ -458,6 +490,14 @@ def _event_detail(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k in ("state", "retrain_job_id", "error", "attempts", "moved_to")}
 
 
+def _column_value(key: str, value: Any) -> Any:
+    if key == "moved_to":
+        return json.dumps(list(value))
+    if key == "source_ids":
+        return None if value is None else json.dumps(value)
+    return value
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -486,4 +526,7 @@ def _job(row: sqlite3.Row) -> Job:
         model_id=row["model_id"],
         result_path=row["result_path"],
         switched_at=row["switched_at"],
+        inbox=row["inbox"],
+        source_ids=json.loads(row["source_ids"]) if row["source_ids"] else None,
+        outcome_unknown_since=row["outcome_unknown_since"],
     )

@@ -19,7 +19,17 @@ from pathlib import Path
 from .checks import CsvReport, InputError, check_csv, check_csv_stream, check_same_header, open_regular
 from .zipcheck import check_zip
 
-__all__ = ["Cancelled", "Package", "clean_staging", "package_csv", "package_pair", "package_zip", "sha256_file"]
+__all__ = [
+    "Cancelled",
+    "Package",
+    "clean_staging",
+    "package_csv",
+    "package_pair",
+    "package_zip",
+    "sha256_file",
+    "source_identities",
+    "source_identity",
+]
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps, so equal content gives an equal zip
 _MEMBER_ATTR = 0o100644 << 16  # regular file, rw-r--r--
@@ -38,6 +48,20 @@ class Package:
 
 class Cancelled(Exception):
     """Packaging was stopped (the daemon is shutting down); nothing was kept, the job is packaged again later."""
+
+
+def source_identity(path: Path) -> list[int]:
+    """``[device, inode, size, mtime_ns]`` of the entry at ``path`` (lstat: a link in its place is another file);
+    ``[]`` if there is none. A job moves out of the inbox only files that still have the identity it checked."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def source_identities(inbox: Path, names: Collection[str]) -> dict[str, list[int]]:
+    return {name: source_identity(inbox / name) for name in names}
 
 
 def _watching(cancel: threading.Event | None, sink: Callable[[bytes], object] | None = None) -> Callable[[bytes], None]:

@@ -7,11 +7,10 @@ returns an :class:`Outcome` and the service queues, delays or parks the job acco
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,17 @@ from typing import Any
 import structlog
 
 from . import checks, packager
-from .client import ApiError, Client, SourceChanged, TransportError, UploadTicket
+from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadTicket
 from .closer import close_job, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
-from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify, is_credential_error
+from .outcome import Arrived, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
+from .packager import source_identities
+from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .redact import scrub
 
-__all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner"]
+__all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner", "context_for", "inbox_key"]
 
 log = structlog.get_logger("retrain_uploader.runner")
 
@@ -48,6 +49,20 @@ class ModelContext:
     @property
     def inbox(self) -> Path:
         return self.settings.inbox
+
+
+def inbox_key(inbox: Path) -> str:
+    """The form in which a job records its inbox (and the service keys the files it holds)."""
+    return str(inbox.resolve())
+
+
+def context_for(models: Mapping[str, ModelContext], job: Job) -> ModelContext | None:
+    """The model a job belongs to: by name, else the model that now watches the job's inbox (renamed in the
+    config: the same inbox is the same remote model)."""
+    ctx = models.get(job.model)
+    if ctx is not None or job.inbox is None:
+        return ctx
+    return next((c for c in models.values() if inbox_key(c.inbox) == job.inbox), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,24 +90,27 @@ _HINTS = {
     "api": "The API refused this upload; read the error, fix the cause, then `retrain-uploader retry {id}`.",
     "gave_up": "The API or network kept failing; once it is healthy, `retrain-uploader retry {id}`.",
     "reject": "Replace it with a regular, supported file in the inbox.",
+    "gone": (
+        "The file may or may not have been received before the remote job disappeared. Check the model's retraining"
+        " history in Prediction One; only if no retraining ran for it, `retrain-uploader retry {id}`."
+    ),
 }
 
 
-def _signatures(inbox: Path, names: Sequence[str]) -> dict[str, list[int]]:
-    """Size, mtime and ctime of each source (lstat: a source replaced by a link counts as changed)."""
-    out: dict[str, list[int]] = {}
-    for name in names:
-        st = os.lstat(inbox / name)
-        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    return out
+class _AskAgain(Exception):
+    """A PUT's outcome is still unknown: ask the status check again after ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.delay_s = delay_s
 
 
-# Status checks that may fail in a row, around one PUT, before the daemon proceeds without their answer.
-_STATUS_TRIES = 4
+class _Park(Exception):
+    """The model's key was refused: the job waits, parked, until the model is resumed."""
 
-
-class _GiveUpOnStatus(Exception):
-    """The status check kept failing: proceed without it (and say so)."""
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Stopped(Exception):
@@ -130,7 +148,9 @@ class Runner:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
-        self._status_failures: dict[int, int] = {}
+        # Jobs whose PUT outcome is unknown: since when this process knows (monotonic), and how often it asked.
+        self._unknown_since: dict[int, float] = {}
+        self._settle_failures: dict[int, int] = {}
         self._waits: dict[int, int] = {}  # job id -> times it waited for the same content in another job
         # Set on shutdown: a job finishes the step it is in, and starts no new one (no new remote job, no new PUT);
         # packaging, which can take minutes for a large pair, is stopped at its next chunk.
@@ -170,6 +190,10 @@ class Runner:
                 return RetryLater(min(self.settings.retry.base_delay_s * 2**waits, self.settings.retry.max_delay_s))
             except _Stopped:
                 return RetryLater(0.0)  # still `packaging` in the ledger: packaged again at the next start
+            except _AskAgain as e:
+                return RetryLater(e.delay_s)  # never failed by attempts: a failed job plus `retry` could pay twice
+            except _Park as e:
+                return Parked(e.reason)
             except Exception as e:
                 outcome, job = self._on_error(job, e)
                 if outcome is not None:
@@ -190,16 +214,19 @@ class Runner:
             return self._claim(job, model)  # waited for the same content in another job: no need to zip it again
         await asyncio.to_thread(drop_staged, job)
         started = self._monotonic()
+        # What is checked here is what will be moved out of the inbox when the job closes, and nothing else.
+        before = source_identities(model.inbox, job.sources)
         try:
-            before = _signatures(model.inbox, job.sources)
             pkg = await asyncio.to_thread(self._build, job, model)
-            after = _signatures(model.inbox, job.sources)
+            after = source_identities(model.inbox, job.sources)
         except packager.Cancelled:
             log.info("job.packaging_stopped", model=model.name, job_id=job.id, file=job.upload_filename)
             raise _Stopped from None
         except checks.InputError as e:
+            self.ledger.update(job.id, source_ids=before)
             raise _Failed(str(e), _HINTS["input"]) from e
         except FileNotFoundError as e:
+            self.ledger.update(job.id, source_ids=before)
             reason = f"a source file disappeared from the inbox before it was uploaded ({Path(e.filename or '?').name})"
             raise _Failed(reason, _HINTS["input"]) from e
         if before != after:
@@ -212,6 +239,7 @@ class Runner:
             content_sha256=pkg.content_sha256,
             size_bytes=pkg.size_bytes,
             package_path=str(pkg.path) if pkg.temporary else None,
+            source_ids=after,
             event="packaged",
             detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes, "sources": after},
         )
@@ -228,7 +256,7 @@ class Runner:
 
     def _claim(self, job: Job, model: ModelContext) -> Job:
         assert job.content_sha256 is not None
-        claim = self.ledger.claim_content(job.id, model.name, job.content_sha256)
+        claim = self.ledger.claim_content(job.id, model.name, job.content_sha256, inbox=job.inbox)
         if claim is None:
             self._waits.pop(job.id, None)
             return self.ledger.get(job.id)
@@ -320,9 +348,9 @@ class Runner:
 
     async def _upload(self, job: Job, model: ModelContext) -> Job:
         if job.put_started:
-            arrived = await self._put_arrived(job, model)
-            if arrived:
-                return self._uploaded(job, model, confirmed_by_status=True)
+            job = await self._settle(job, model)
+            if job.state is not State.UPLOADING:
+                return job
         ticket = self._tickets.get(job.id)
         if ticket is None or ticket.retrain_job_id != job.retrain_job_id:
             # The URL is never stored: after a restart (or a rejected URL) a fresh one is needed.
@@ -334,116 +362,110 @@ class Runner:
                 detail={"state": "requesting", "why": "no usable upload URL"},
             )
         if job.status_before_put is None:
-            # Without a baseline a lost PUT answer could not be told from a lost upload: get one first.
-            try:
-                before = await self._status_or_retry(job, model, "the status baseline before the PUT failed")
-            except _GiveUpOnStatus as e:
-                log.warning(
-                    "upload.baseline_unavailable",
-                    model=model.name,
-                    job_id=job.id,
-                    file=job.upload_filename,
-                    retrain_job_id=job.retrain_job_id,
-                    error=scrub(str(e)),
-                    action="uploading without one",
-                )
-            else:
-                job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
+            # Without a baseline a lost PUT answer could not be settled: no PUT before there is one. A failing check
+            # is retried like any step (nothing was sent yet, so giving up after max_attempts costs nothing).
+            before = (await self.client.get_status(model.api_key, ticket.retrain_job_id)).status
+            job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
         self._check_sources_unchanged(job, model)
         path = self._package_path(job, model)
         job = self.ledger.update(job.id, put_started=1)  # committed before the first byte leaves
         started = self._monotonic()
-        log.info(
-            "upload.started",
-            model=model.name,
-            job_id=job.id,
-            retrain_job_id=job.retrain_job_id,
-            file=job.upload_filename,
-            size_bytes=job.size_bytes,
-            attempt=job.attempts + 1,
-        )
+        log.info("upload.started", **job.log_fields(), size_bytes=job.size_bytes, attempt=job.attempts + 1)
         try:
             await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
         except (ApiError, SourceChanged):
             # The storage answered with an error, or we cut the body short: either way this PUT did not complete.
             self.ledger.update(job.id, put_started=0)
             raise
-        return self._uploaded(job, model, duration_s=self._monotonic() - started)
-
-    async def _put_arrived(self, job: Job, model: ModelContext) -> bool:
-        """After a PUT whose answer was lost: did its body arrive? Decided by comparing the remote status.
-
-        A failing status check is asked again later (the job retries with backoff) rather than answered with a
-        second, paid upload; only after ``_STATUS_TRIES`` failures in a row does the daemon upload again, and it says
-        that this may be a repeat.
-        """
-        assert job.retrain_job_id is not None
-        if job.status_before_put is None:
-            self._outcome_unknown(job, model, "no status baseline was recorded")
-            return False
-        try:
-            now = await self._status_or_retry(job, model, "the status check after a lost PUT answer failed")
-        except _GiveUpOnStatus as e:
-            self._outcome_unknown(job, model, str(e))
-            return False
-        if now != job.status_before_put:
-            return True
-        log.info(
-            "upload.not_arrived",
-            model=model.name,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
-            status=now,
-        )
-        return False
-
-    async def _status_or_retry(self, job: Job, model: ModelContext, what: str) -> str:
-        """The job's remote status. A failure propagates (the job is retried, or its model paused) until it has
-        failed ``_STATUS_TRIES`` times in a row for this job; then :class:`_GiveUpOnStatus`."""
-        assert job.retrain_job_id is not None
-        try:
-            status = (await self.client.get_status(model.api_key, job.retrain_job_id)).status
-        except (TransportError, ApiError) as e:
-            failures = self._status_failures.get(job.id, 0) + 1
-            self._status_failures[job.id] = failures
-            if failures >= _STATUS_TRIES and not (isinstance(e, ApiError) and is_credential_error(e)):
-                self._status_failures.pop(job.id, None)
-                raise _GiveUpOnStatus(f"{what} {failures} times; last: {e}") from e
-            log.warning(
-                "upload.status_check_failed",
-                model=model.name,
-                job_id=job.id,
-                file=job.upload_filename,
-                retrain_job_id=job.retrain_job_id,
-                error=str(e),
-                attempt=failures,
-                action="asking again later",
+        except TransportError as e:
+            if not e.body_complete:
+                # The last byte never left: the storage cannot hold the object, so no retraining started.
+                self.ledger.update(job.id, put_started=0)
+                raise
+            self._unknown_since[job.id] = self._monotonic()
+            self.ledger.update(
+                job.id,
+                outcome_unknown_since=self.ledger.now(),
+                event="outcome_unknown",
+                detail={"error": scrub(str(e))},
             )
             raise
-        self._status_failures.pop(job.id, None)
-        return status
+        return self._uploaded(job, model, duration_s=self._monotonic() - started)
 
-    def _outcome_unknown(self, job: Job, model: ModelContext, why: str) -> None:
+    async def _settle(self, job: Job, model: ModelContext) -> Job:
+        """A PUT of this job was started and its answer never came: ask the status check what became of it.
+
+        The decision is :func:`outcome.decide`; this method only gathers its inputs and carries out its verdict.
+        """
+        retrain_job_id = job.retrain_job_id
+        assert retrain_job_id is not None
+        first_seen = self._unknown_since.setdefault(job.id, self._monotonic())  # after a restart: from now on
+        if job.outcome_unknown_since is None:
+            job = self.ledger.update(job.id, outcome_unknown_since=self.ledger.now())
+        result: JobStatus | BaseException
+        try:
+            result = await self.client.get_status(model.api_key, retrain_job_id)
+        except Exception as e:  # any failure at all is "no answer", never "not arrived"
+            result = e
+        verdict = decide(
+            baseline=job.status_before_put,
+            answer=read_answer(result),
+            since_put_s=self._monotonic() - first_seen,
+            wait_s=self.settings.retry.unknown_outcome_wait_s,
+        )
+        if isinstance(verdict, Arrived):
+            return self._uploaded(job, model, confirmed_by_status=True)
+        if isinstance(verdict, NotArrived):
+            log.info("upload.not_arrived", **job.log_fields(), status=verdict.status)
+            self._unknown_since.pop(job.id, None)
+            self._settle_failures.pop(job.id, None)
+            return self.ledger.update(
+                job.id,
+                put_started=0,
+                outcome_unknown_since=None,
+                event="not_arrived",
+                detail={"status": verdict.status, "status_before_put": job.status_before_put},
+            )
+        if isinstance(verdict, PauseModel):
+            raise _Park(verdict.reason)
+        if isinstance(verdict, RemoteJobGone):
+            self._unknown_since.pop(job.id, None)
+            reason = f"the remote job {job.retrain_job_id} disappeared after an upload whose answer was lost"
+            raise _Failed(f"{reason}: {verdict.reason}", _HINTS["gone"])
+        failures = self._settle_failures.get(job.id, 0) + 1
+        self._settle_failures[job.id] = failures
+        delay = max(
+            verdict.after_s,
+            backoff_delay(
+                failures,
+                base_s=self.settings.retry.base_delay_s,
+                max_s=self.settings.retry.max_delay_s,
+                retry_after=verdict.retry_after,
+                rng=self._rng,
+            ),
+        )
         log.warning(
             "upload.outcome_unknown",
-            model=model.name,
-            job_id=job.id,
-            file=job.upload_filename,
-            retrain_job_id=job.retrain_job_id,
-            error=scrub(why),
-            action="uploading again; may be a repeat",
+            **job.log_fields(),
+            error=scrub(verdict.reason),
+            attempt=failures,
+            retry_in_s=round(delay, 3),
+            action="asking the status check again; not uploading again until it answers",
         )
+        raise _AskAgain(delay)
 
     def _uploaded(
         self, job: Job, model: ModelContext, *, duration_s: float | None = None, confirmed_by_status: bool = False
     ) -> Job:
         self._tickets.pop(job.id, None)
+        self._unknown_since.pop(job.id, None)
+        self._settle_failures.pop(job.id, None)
         job = self.ledger.update(
             job.id,
             state=State.UPLOADED,
             uploaded_at=self.ledger.now(),
             put_started=0,
+            outcome_unknown_since=None,
             error=None,
             event="uploaded",
             detail={"confirmed_by_status": confirmed_by_status},
@@ -555,7 +577,14 @@ class Runner:
 
     def reject(self, model: ModelContext, name: str, reason: str) -> Job:
         """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it."""
-        job = self.ledger.create_job(model=model.name, kind="reject", name=name, sources=[name], upload_filename=name)
+        job = self.ledger.create_job(
+            model=model.name,
+            kind="reject",
+            name=name,
+            sources=[name],
+            upload_filename=name,
+            inbox=inbox_key(model.inbox),
+        )
         job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
         return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
 
@@ -570,16 +599,10 @@ class Runner:
 
     def _check_sources_unchanged(self, job: Job, model: ModelContext) -> None:
         """A pair's zip was built from its sources: if they changed since, build it again (the zip's own digest,
-        checked while streaming, cannot see that)."""
-        packaged = next((e for e in reversed(self.ledger.events(job.id)) if e["event"] == "packaged"), None)
-        recorded = (packaged or {}).get("detail", {}).get("sources")
-        if recorded is None:
-            return
-        try:
-            now = _signatures(model.inbox, job.sources)
-        except FileNotFoundError:
-            now = None
-        if now != recorded:
+        checked while streaming, cannot see that). A CSV replaced under its name is packaged again too."""
+        if job.source_ids is None:
+            return  # packaged by a version before schema 3
+        if source_identities(model.inbox, job.sources) != job.source_ids:
             raise SourceChanged(f"{', '.join(job.sources)} changed after being checked")
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:

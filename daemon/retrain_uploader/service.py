@@ -23,12 +23,12 @@ from . import packager
 from .admin import PROBE_JOB_ID
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
-from .ledger import Ledger, State
+from .ledger import Job, Ledger, State
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .policy import is_credential_error
 from .redact import register_secret
-from .runner import Closed, ModelContext, Parked, RetryLater, Runner
+from .runner import Closed, ModelContext, Parked, RetryLater, Runner, context_for, inbox_key
 from .tracker import RetrainTracker
 from .watcher import Candidate, InboxWatcher, Reject
 
@@ -62,6 +62,8 @@ class Service:
         self._watchers: dict[str, InboxWatcher] = {}
         self._watch_stops: dict[str, asyncio.Event] = {}
         self._probes: dict[str, asyncio.TimerHandle] = {}
+        # Files held by a job, by (resolved inbox, file name): whatever the model is called now, a held file is never
+        # taken a second time; it is free again once its job closed (a file that replaced it then becomes a job).
         self._taken: dict[tuple[str, str], int] = {}
         self._active: set[int] = set()  # queued, waiting for a retry, or being worked on
         self._queue: asyncio.Queue[int] = asyncio.Queue(maxsize=settings.pool.queue_size)
@@ -184,7 +186,7 @@ class Service:
         self.settings = self.runner.settings = self.tracker.settings = new
         for name in sorted(active - new_names):
             self._watch_stops[name].set()  # its queued and in-flight jobs still finish
-            log.info("model.removed", model=name, open_jobs=sum(1 for m, _ in self._taken if m == name))
+            log.info("model.removed", model=name, open_jobs=self._open_jobs(self.models[name].inbox))
         for model in new.models:
             ctx = self.models.get(model.name)
             if ctx is None:
@@ -192,7 +194,7 @@ class Service:
                 self._run_watcher(model.name)
                 log.info("model.added", model=model.name, inbox=str(model.inbox))
                 continue
-            open_jobs = any(m == model.name for m, _ in self._taken)
+            open_jobs = self._open_jobs(ctx.settings.inbox) > 0
             if model.inbox != ctx.settings.inbox and open_jobs:
                 # Open jobs name their sources relative to the inbox they were taken from.
                 log.warning(
@@ -284,7 +286,7 @@ class Service:
             self.settings.watch,
             on_candidate=functools.partial(self._take, model.name),
             on_reject=functools.partial(self._reject, model.name),
-            is_taken=functools.partial(self._is_taken, model.name),
+            is_taken=functools.partial(self._is_taken, inbox_key(model.inbox)),
             clock=self._monotonic,
         )
 
@@ -343,15 +345,19 @@ class Service:
     async def _take(self, model: str, candidate: Candidate) -> None:
         if self.stop_event.is_set():
             return
+        inbox = inbox_key(self.models[model].inbox)
+        if any((inbox, name) in self._taken for name in candidate.sources):
+            return  # held by an open job (of this model under another name, before a reload renamed it)
         job = self.ledger.create_job(
             model=model,
             kind=candidate.kind,
             name=candidate.name,
             sources=candidate.sources,
             upload_filename=candidate.upload_filename,
+            inbox=inbox,
         )
         for name in candidate.sources:
-            self._taken[(model, name)] = job.id
+            self._taken[(inbox, name)] = job.id
         self.metrics.file_seen(model, len(candidate.sources))
         log.info(
             "job.queued",
@@ -363,8 +369,18 @@ class Service:
         )
         self._submit(job.id)
 
-    def _is_taken(self, model: str, name: str) -> bool:
-        return (model, name) in self._taken
+    def _is_taken(self, inbox: str, name: str) -> bool:
+        return (inbox, name) in self._taken
+
+    def _open_jobs(self, inbox: Path) -> int:
+        key = inbox_key(inbox)
+        return len({job_id for (where, _), job_id in self._taken.items() if where == key})
+
+    def _release(self, job: Job, ctx: ModelContext) -> None:
+        inbox = job.inbox or inbox_key(ctx.inbox)
+        for name in job.sources:
+            if self._taken.get((inbox, name)) == job.id:
+                del self._taken[(inbox, name)]
 
     async def _reject(self, model: str, reject: Reject) -> None:
         self.runner.reject(self.models[model], reject.name, reject.reason)
@@ -373,11 +389,15 @@ class Service:
         keep: list[Path] = []
         resumed = 0
         for job in self.ledger.unfinished():
-            if job.model not in self.models:
+            ctx = context_for(self.models, job)
+            if ctx is None:
                 log.warning("job.model_unknown", job_id=job.id, model=job.model, state=str(job.state))
                 continue
+            if ctx.name != job.model:
+                log.info("job.model_renamed", job_id=job.id, model=ctx.name, was=job.model, inbox=job.inbox)
+            inbox = job.inbox or inbox_key(ctx.inbox)
             for name in job.sources:
-                self._taken[(job.model, name)] = job.id
+                self._taken[(inbox, name)] = job.id
             if job.package_path and job.state in (State.REQUESTING, State.UPLOADING):
                 keep.append(Path(job.package_path))
             log.info(
@@ -438,7 +458,7 @@ class Service:
 
     async def _run_job(self, job_id: int) -> None:
         job = self.ledger.get(job_id)
-        ctx = self.models.get(job.model)
+        ctx = context_for(self.models, job)
         if ctx is None:
             self._active.discard(job_id)
             return
@@ -458,8 +478,7 @@ class Service:
             ctx.parked.add(job_id)
             self._pause(ctx, outcome.reason)
         elif isinstance(outcome, Closed):
-            for name in job.sources:
-                self._taken.pop((job.model, name), None)
+            self._release(job, ctx)
             if outcome.state is State.UPLOADED:
                 self.tracker.poke(job_id)
         self._notify_status()

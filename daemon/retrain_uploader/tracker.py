@@ -19,27 +19,16 @@ from .client import ApiError, Client, JobStatus, TransportError
 from .config import Settings
 from .ledger import Job, Ledger, StaleJob, State
 from .mover import plan_result_name
-from .policy import Fail, Pause, classify
+from .outcome import FINISHED_STATUS, Gone, interpret, read_answer
+from .policy import Pause, classify
 from .redact import scrub
-from .runner import ModelContext
+from .runner import ModelContext, context_for
 
 __all__ = ["FINISHED_STATUS", "NOT_FINISHED_MESSAGE", "RetrainTracker", "interpret"]
 
 log = structlog.get_logger("retrain_uploader.tracker")
 
-FINISHED_STATUS = "job_finished"
 NOT_FINISHED_MESSAGE = "Retrain job is not finished."
-
-
-def interpret(status: str) -> State:
-    """The only documented value is ``job_finished``; a value that says it failed ends the job; anything else —
-    including values never seen before — means the retraining is still going on."""
-    if status == FINISHED_STATUS:
-        return State.FINISHED
-    lowered = status.lower()
-    if "fail" in lowered or "error" in lowered:
-        return State.RETRAIN_FAILED
-    return State.RETRAINING
 
 
 class RetrainTracker:
@@ -124,7 +113,7 @@ class RetrainTracker:
         await asyncio.gather(*(check(job) for job in due))
 
     def _wanted(self, job: Job) -> bool:
-        ctx = self.models.get(job.model)
+        ctx = context_for(self.models, job)
         if ctx is None or ctx.paused_reason is not None or not job.retrain_job_id:
             return False
         if job.state is State.FINISHED:
@@ -137,7 +126,8 @@ class RetrainTracker:
         return self.settings.status.download_result and job.result_path is None
 
     async def _check(self, job: Job) -> None:
-        ctx = self.models[job.model]
+        ctx = context_for(self.models, job)
+        assert ctx is not None  # _wanted() checked it
         assert job.retrain_job_id is not None
         try:
             if self._timed_out(job):
@@ -278,8 +268,10 @@ class RetrainTracker:
         self._failures[job.id] = failures
         reason = scrub(str(error))
         with contextlib.suppress(StaleJob):
-            if isinstance(verdict, Fail) and job.state in (State.UPLOADED, State.RETRAINING):
-                # "Not found retrain job.", "This job may be deleted.": no later answer will be different.
+            if isinstance(read_answer(error), Gone) and job.state in (State.UPLOADED, State.RETRAINING):
+                # Only the documented "Not found retrain job." / "This job may be deleted." end a retraining: a
+                # gateway's HTML 404 or a bug of ours is retried until give_up_after_h (re-dropping a file whose
+                # retraining "failed" would pay again).
                 self.ledger.update(
                     job.id,
                     state=State.RETRAIN_FAILED,
