@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from retrain_uploader.config import ModelSettings
@@ -168,15 +169,22 @@ async def test_a_reject_whose_move_fails_makes_one_job_until_the_entry_changes(
 # -- the event watch and the watcher task stay alive ----------------------------------------------------------------
 
 
-async def test_an_inbox_removed_and_made_again_is_watched_by_events_again(start_daemon) -> None:
+@pytest.mark.parametrize("how", ["removed", "renamed away"])
+async def test_an_inbox_removed_and_made_again_is_watched_by_events_again(start_daemon, how: str) -> None:
     d = await start_daemon(watch=NO_RESCAN)
     inbox = d.inbox()
     drop(inbox, "first.csv", CSV)
     await d.closed_jobs(1, timeout=8)
-    shutil.rmtree(inbox)
-    inbox.mkdir()
-    drop(inbox, "second.csv", csv(2))
-    jobs = await d.closed_jobs(2, timeout=8)  # long before the 30 s rescan
+    with capture_logs() as logs:
+        if how == "removed":
+            shutil.rmtree(inbox)
+        else:
+            inbox.rename(inbox.with_name("alpha.old"))
+        # The scan the removal woke finds no inbox: only a live event watch can see what comes next.
+        await wait_for(lambda: any(e["event"] == "inbox.unreadable" for e in logs), what="the removal seen")
+        inbox.mkdir()
+        drop(inbox, "second.csv", csv(2))
+        jobs = await d.closed_jobs(2, timeout=8)  # long before the 30 s rescan
     assert [j.upload_filename for j in jobs] == ["first.csv", "second.csv"]
     assert (inbox / "done" / "second.csv").read_text() == csv(2)
     assert [j.state in AFTER_UPLOAD for j in jobs] == [True, True]
