@@ -422,9 +422,7 @@ class Service:
         )
         targets = plan_moves(inbox, [reject.name], FAILED_DIR, job_id=job.id, error_stem=shown)
         job = self.ledger.update(job.id, moved_to=targets)
-        missing = apply_moves(inbox, [reject.name], targets[:1])
-        if missing:
-            log.warning("job.source_vanished", **job.log_fields(), source=shown)
+        apply_moves(inbox, [reject.name], targets[:1])  # gone meanwhile: closing reports it missing
         close_job(self.ledger, job, inbox)
 
     def _recover(self) -> None:
