@@ -4,6 +4,7 @@ online key check. They open the ledger without its lock (WAL lets readers and on
 from __future__ import annotations
 
 import os
+import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ from .config import ConfigError, Settings
 from .ledger import Ledger, StaleJob, State
 from .mover import rename_no_replace
 from .policy import is_credential_error
-from .watcher import is_ignored
+from .watcher import OWN_FOLDERS, is_ignored, printable_name
 
 __all__ = ["PROBE_JOB_ID", "check_keys_online", "collect", "render", "retry_job", "switch_job"]
 
@@ -56,6 +57,7 @@ def collect(settings: Settings, ledger: Ledger | None) -> dict[str, Any]:
 
 
 def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
+    # The daemon moves files out while we look: an entry gone between the listing and its stat was not waiting.
     oldest: tuple[float, str] | None = None
     count = 0
     try:
@@ -63,17 +65,23 @@ def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
     except OSError:
         return 0, None
     for entry in entries:
-        if is_ignored(entry.name) or not entry.is_file(follow_symlinks=False):
+        if is_ignored(entry.name) or entry.name in OWN_FOLDERS:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
             continue
         count += 1
-        mtime = entry.stat(follow_symlinks=False).st_mtime
-        if oldest is None or mtime < oldest[0]:
-            oldest = (mtime, entry.name)
+        if oldest is None or st.st_mtime < oldest[0]:
+            oldest = (st.st_mtime, entry.name)
     if oldest is None:
         return count, None
     age = max(0.0, time.time() - oldest[0])
     when = datetime.fromtimestamp(oldest[0], UTC).isoformat(timespec="seconds")
-    return count, {"file": oldest[1], "modified_at": when, "age_s": round(age)}
+    # A name that is not UTF-8 is shown with \\xff escapes: the report is printed (and JSON-encoded) as UTF-8.
+    return count, {"file": printable_name(oldest[1]), "modified_at": when, "age_s": round(age)}
 
 
 def render(report: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 File-system events are only hints that wake the scanner: every decision is made from a fresh ``lstat`` of the
 inbox's top level, at start, on each event, at each settle deadline and on a periodic rescan (inotify can overflow,
-watchfiles can drop events, network mounts send none).
+watchfiles can drop events, network mounts send none). The event watch itself is kept alive: when it fails (a name
+that is not UTF-8 ends watchfiles' iterator) or its folder is replaced (removed and made again), it is set up again.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import structlog
 import watchfiles
 
 from .config import WatchSettings
+from .policy import backoff_delay
 
 __all__ = [
     "DONE_DIR",
     "FAILED_DIR",
+    "OWN_FOLDERS",
     "Candidate",
     "InboxWatcher",
     "Plan",
@@ -33,6 +36,7 @@ __all__ = [
     "Signature",
     "is_ignored",
     "plan",
+    "printable_name",
 ]
 
 log = structlog.get_logger("retrain_uploader.watcher")
@@ -40,6 +44,9 @@ log = structlog.get_logger("retrain_uploader.watcher")
 DONE_DIR = "done"
 FAILED_DIR = "failed"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+# The daemon's own folders: at the inbox's top level these names are never files to take or reject, whatever they
+# are (a folder, or a symbolic link to an archive folder elsewhere).
+OWN_FOLDERS = frozenset({DONE_DIR, FAILED_DIR})
 _MAX_NAME_BYTES = 200  # leaves room for ".error.json" and a collision suffix within the usual 255-byte limit
 
 _T = TypeVar("_T")
@@ -56,8 +63,9 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    name: str
+    name: str  # as the OS gave it: a name that is not UTF-8 holds surrogates (see ``printable_name``)
     reason: str
+    signature: Signature | None = field(default=None, compare=False)  # its lstat, when the scan made it
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +80,23 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def printable_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that are not UTF-8 (surrogates in ``name``) shown as ``\\xff`` escapes.
+
+    For the ledger, logs and reports; the file itself is still reached by ``name`` (``os.fsencode`` gives its bytes).
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _name_problem(name: str) -> str | None:
-    if any(not ch.isprintable() for ch in name):
-        return "its name contains control characters (such as a newline); rename it and drop it again"
-    if len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
-        return f"its name is longer than {_MAX_NAME_BYTES} bytes; rename it shorter and drop it again"
     try:
         name.encode("utf-8")
-    except UnicodeEncodeError:
+    except UnicodeEncodeError:  # bytes that are not UTF-8 come as surrogates, which are not printable either
         return "its name is not valid UTF-8; rename it and drop it again"
+    if any(not ch.isprintable() for ch in name):
+        return "its name contains control characters (such as a newline); rename it and drop it again"
+    if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+        return f"its name is longer than {_MAX_NAME_BYTES} bytes; rename it shorter and drop it again"
     return None
 
 
@@ -162,7 +178,7 @@ def scan(inbox: Path) -> tuple[dict[str, Signature], list[Reject]]:
     with os.scandir(inbox) as it:
         for entry in it:
             name = entry.name
-            if is_ignored(name):
+            if is_ignored(name) or name in OWN_FOLDERS:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -170,20 +186,60 @@ def scan(inbox: Path) -> tuple[dict[str, Signature], list[Reject]]:
                 continue
             mode = st.st_mode
             if stat.S_ISREG(mode):
-                files[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                files[name] = _signature(st)
             elif stat.S_ISDIR(mode):
                 continue  # done/, failed/ and the user's own folders: only the top level is an inbox
             elif stat.S_ISLNK(mode):
-                rejects.append(Reject(name, "it is a symbolic link, which is never followed; copy the file in instead"))
+                reason = "it is a symbolic link, which is never followed; copy the file in instead"
+                rejects.append(Reject(name, reason, _signature(st)))
             else:
-                rejects.append(Reject(name, "it is not a regular file (a FIFO, socket or device); copy a file in"))
+                reason = "it is not a regular file (a FIFO, socket or device); copy a file in"
+                rejects.append(Reject(name, reason, _signature(st)))
     return files, rejects
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+class _WatchStop:
+    """Ends one watchfiles iterator: when the daemon stops, or to set the watch up again (``set``).
+
+    watchfiles asks ``is_set()`` from its own thread, every ``step`` ms.
+    """
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._again = False
+
+    def is_set(self) -> bool:
+        return self._again or self._stop.is_set()
+
+    def set(self) -> None:
+        self._again = True
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _describe(error: BaseException) -> str:
+    # watchfiles raises from inside an anyio task group: name the real errors, not "unhandled errors in a TaskGroup".
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in error.exceptions)
+    return f"{type(error).__name__}: {error}"
 
 
 class InboxWatcher:
     """Watches one model's inbox and hands each settled candidate (once) to ``on_candidate``.
 
-    ``is_taken(name)`` tells which names already belong to a job, so a file is never taken twice.
+    ``is_taken(name)`` tells which names already belong to a job, so a file is never taken twice. A rejected entry
+    is handed to ``on_reject`` once while it stays the same entry (same ``lstat`` signature), even when moving it
+    out failed: a new job at every scan would only repeat the same failure.
     """
 
     def __init__(
@@ -196,6 +252,7 @@ class InboxWatcher:
         on_reject: Callable[[Reject], Awaitable[None]],
         is_taken: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
+        rewatch_base_s: float = 0.05,
     ) -> None:
         self.model = model
         self.inbox = inbox
@@ -204,10 +261,14 @@ class InboxWatcher:
         self._on_reject = on_reject
         self._is_taken = is_taken
         self._clock = clock
+        self._rewatch_base_s = rewatch_base_s
         self._tracker = SettleTracker(settings.settle_s)
         self._wake = asyncio.Event()
         self._warned_halves: set[str] = set()
+        self._rejected: dict[str, Signature | None] = {}
         self._scan_failed = False
+        self._watch: _WatchStop | None = None
+        self._watched: tuple[int, int] | None = None  # the folder the event watch is set up on
 
     def poke(self) -> None:
         """Scan again soon (an event arrived, or a file was released)."""
@@ -239,6 +300,7 @@ class InboxWatcher:
                 await events
 
     async def scan_once(self) -> None:
+        self._check_watched()
         try:
             files, rejects = scan(self.inbox)
         except OSError as e:
@@ -250,9 +312,14 @@ class InboxWatcher:
         free = {name: sig for name, sig in files.items() if not self._is_taken(name)}
         settled = self._tracker.observe(free, self._clock())
         result = plan(settled)
+        present = files.keys() | {r.name for r in rejects}
+        self._rejected = {name: sig for name, sig in self._rejected.items() if name in present}
         for reject in (*rejects, *result.rejects):
-            if not self._is_taken(reject.name):
-                await self._hand_over(self._on_reject, reject, reject.name)
+            identity = reject.signature or files.get(reject.name)
+            if self._is_taken(reject.name) or self._rejected.get(reject.name, ()) == identity:
+                continue
+            self._rejected[reject.name] = identity
+            await self._hand_over(self._on_reject, reject, printable_name(reject.name))
         for half in result.halves:
             if half not in self._warned_halves:
                 self._warned_halves.add(half)
@@ -273,12 +340,25 @@ class InboxWatcher:
         # Each take commits to the ledger: let workers start on the first files of a burst of a thousand.
         await asyncio.sleep(0)
 
+    def _check_watched(self) -> None:
+        # An inbox removed (or renamed away) and made again is another folder: the old watch sees nothing of it.
+        watch = self._watch
+        if watch is not None and _folder_identity(self.inbox) != self._watched:
+            watch.set()
+
     async def _events(self, stop: asyncio.Event) -> None:
+        failures = 0
         while not stop.is_set():
+            watch = self._watch = _WatchStop(stop)
+            self._watched = _folder_identity(self.inbox)
+            started = self._clock()
+            # A new watch saw nothing of what happened before it: scan once it is set up (watchfiles sets it up
+            # before its first await, so the scanner runs after that).
+            self._wake.set()
             try:
                 async for _ in watchfiles.awatch(
                     self.inbox,
-                    stop_event=stop,
+                    stop_event=watch,
                     recursive=False,
                     debounce=50,
                     step=20,
@@ -287,9 +367,21 @@ class InboxWatcher:
                     watch_filter=None,
                     ignore_permission_denied=True,
                 ):
+                    failures = 0
                     self._wake.set()
-            except (OSError, RuntimeError) as e:
-                # The periodic rescan still finds everything; try the watch again after a pause.
-                log.warning("inbox.watch_failed", model=self.model, error=str(e))
+                    self._check_watched()
+            except Exception as e:
+                # Any error ends watchfiles' iterator (a name that is not UTF-8 does, from its thread, wrapped in an
+                # ExceptionGroup). The periodic rescan still finds everything; set the watch up again soon.
+                if self._clock() - started > self.settings.rescan_s:
+                    failures = 0
+                failures += 1
+                delay = backoff_delay(failures, base_s=self._rewatch_base_s, max_s=self.settings.rescan_s)
+                log.warning("inbox.watch_failed", model=self.model, error=_describe(e), retry_in_s=round(delay, 3))
+                self._wake.set()  # what the failed watch would have reported is lost
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.settings.rescan_s)
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+            else:
+                if not stop.is_set():
+                    log.info("inbox.rewatched", model=self.model, inbox=str(self.inbox))
+        self._watch = None
