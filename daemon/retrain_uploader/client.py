@@ -9,7 +9,6 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from .redact import redact_url, scrub
+from .retry_after import parse_retry_after
 
 __all__ = [
     "ApiError",
@@ -300,17 +300,7 @@ class Client:
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
     value = resp.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return None if value is None else parse_retry_after(value, datetime.now(UTC))
 
 
 def _api_error(endpoint: str, resp: aiohttp.ClientResponse, text: str, api_key: str) -> ApiError:
