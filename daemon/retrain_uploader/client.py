@@ -92,7 +92,7 @@ class UploadStalled(TransportError):
         self.sent = sent
         self.body_complete = body_complete
         where = "waiting for the answer" if body_complete else f"after {sent} of {size} bytes"
-        super().__init__("put", f"no progress for {idle_s:g} s {where}; upload aborted")
+        super().__init__("put", f"timed out: no progress for {idle_s:g} s {where}; upload aborted")
 
 
 class SourceChanged(RuntimeError):
