@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import re
+import struct
+import termios
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from .redact import redact_url, scrub
+from .retry_after import parse_retry_after
 
 __all__ = [
     "ApiError",
@@ -26,11 +30,13 @@ __all__ = [
     "JobStatus",
     "SourceChanged",
     "TransportError",
+    "UploadStalled",
     "UploadTicket",
 ]
 
 _API = "/v1/external/retrain_jobs"
 _CHUNK = 1 << 20
+_SLICE = 64 << 10  # the body goes out in slices this big, so a slow but moving upload shows progress often
 _THREAD_HASH_MIN = 256 << 10  # smaller chunks are hashed inline: a thread hop would cost more than it saves
 _MAX_ERROR_BODY = 8192
 
@@ -79,6 +85,21 @@ class ApiError(Exception):
         return " ".join(parts) + f": {self.message}"
 
 
+class UploadStalled(TransportError):
+    """Nothing moved either way on a PUT for ``upload_read_timeout_s``: the attempt was aborted.
+
+    ``body_complete`` tells whether the last byte had been handed to the socket: if not, the storage cannot have a
+    whole object (it was never sent); if so, the outcome is unknown and must be settled like any lost answer.
+    """
+
+    def __init__(self, idle_s: float, *, sent: int, size: int, body_complete: bool) -> None:
+        self.idle_s = idle_s
+        self.sent = sent
+        where = "waiting for the answer" if body_complete else f"after {sent} of {size} bytes"
+        detail = f"timed out: no progress for {idle_s:g} s {where}; upload aborted"
+        super().__init__("put", detail, body_complete=body_complete)
+
+
 class SourceChanged(RuntimeError):
     """The file's bytes differ from the ones checked; the PUT was aborted before its last byte."""
 
@@ -114,14 +135,18 @@ class _FilePayload(aiohttp.payload.Payload):
     digest matches means a file that changed since it was checked never completes a PUT (and never costs a retraining).
     """
 
-    def __init__(self, path: Path, size: int, sha256: str) -> None:
+    def __init__(self, path: Path, size: int, sha256: str, on_progress: Callable[[], object] | None = None) -> None:
         super().__init__(path)
         self._path = path
         self._length = size
         self._size = size
         self._sha256 = sha256
+        self._on_progress = on_progress
         self.sent = 0
-        self.handed = 0  # bytes given to the writer, counted before each write (the last one may be under way)
+        # Set before the last byte is handed to the socket, never after: once it may have left, the upload may be
+        # whole on the far side, whatever happens to this connection next.
+        self.last_byte_handed_over = size == 0
+        self.transport: asyncio.Transport | None = None
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file payload is not text")
@@ -133,6 +158,7 @@ class _FilePayload(aiohttp.payload.Payload):
         # Never replayable: aiohttp silently re-sends an idempotent request whose connection dropped unless its
         # body is consumed, and a second completed PUT is a second paid retraining. The runner decides instead.
         self._consumed = True
+        self.transport = getattr(writer, "transport", None)
         digest = hashlib.sha256()
         remaining = self._length
         held: bytes = b""
@@ -154,9 +180,7 @@ class _FilePayload(aiohttp.payload.Payload):
                     hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, chunk))
                 try:
                     if held:
-                        self.handed += len(held)
-                        await writer.write(held)
-                        self.sent += len(held)
+                        await self._send(writer, held, last=False)
                 finally:
                     if hashing is not None:
                         await hashing
@@ -167,13 +191,83 @@ class _FilePayload(aiohttp.payload.Payload):
         finally:
             await f.close()
         if held:
-            self.handed += len(held)
-            await writer.write(held)
-            self.sent += len(held)
+            await self._send(writer, held, last=True)
 
-    @property
-    def body_complete(self) -> bool:
-        return self.handed >= self._length
+    async def _send(self, writer: AbstractStreamWriter, data: bytes, *, last: bool) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), _SLICE):
+            piece = view[start : start + _SLICE]
+            if last and start + _SLICE >= len(view):
+                self.last_byte_handed_over = True
+            await writer.write(piece)
+            self.sent += len(piece)
+            if self._on_progress is not None:
+                self._on_progress()
+
+
+class _Watchdog:
+    """Cancels the task it is entered in once nothing has moved either way for ``idle_s``.
+
+    Moving is: a body slice taken by the socket or an answer byte read (:meth:`progress`), or the kernel's send queue
+    changing size. The last one matters because the socket takes a new slice only after about half its send buffer
+    (megabytes) has drained: on a slow link that is minutes of real progress the writes alone would not show.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.payload: _FilePayload | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._queued: int | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        self._fired = False
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def fired(self) -> bool:
+        """Whether the cancellation being handled is this watchdog's (and not someone else's)."""
+        return self._fired and self._task is not None and self._task.uncancel() <= self._cancelling
+
+    def __enter__(self) -> _Watchdog:
+        self._task = asyncio.current_task()
+        assert self._task is not None
+        self._cancelling = self._task.cancelling()
+        self._last = self._loop.time()
+        self._handle = self._loop.call_later(self.idle_s / 4, self._check)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        queued = _send_queue(self.payload.transport if self.payload is not None else None)
+        if queued is not None and queued != self._queued:
+            self._queued = queued
+            self._last = now
+        if now - self._last >= self.idle_s:
+            self._fired = True
+            assert self._task is not None
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_later(self.idle_s / 4, self._check)
+
+
+def _send_queue(transport: asyncio.Transport | None) -> int | None:
+    """Bytes the kernel still holds to send on ``transport``'s socket (Linux SIOCOUTQ), or None if unknown."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # TIOCOUTQ is SIOCOUTQ on a socket
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", raw)[0])
+
 
 
 class Client:
@@ -192,7 +286,11 @@ class Client:
         self._session = session
         self._owns_session = session is None
         self._api_timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
-        self._put_timeout = aiohttp.ClientTimeout(
+        # A PUT's silence is bounded by its progress watchdog: aiohttp's read timeout would count the minutes a slow
+        # link spends draining the kernel's send buffer after the last write as silence.
+        self._upload_idle_s = upload_read_timeout_s
+        self._put_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+        self._download_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=upload_read_timeout_s
         )
 
@@ -241,37 +339,56 @@ class Client:
         await self._api_call("switch", "PUT", url, api_key)
 
     async def put_file(self, upload_url: str, path: Path, *, size: int, sha256: str) -> None:
-        """Step 2: PUT the file to ``upload_url`` exactly as received, streamed, with a Content-Length."""
-        payload = _FilePayload(path, size, sha256)
+        """Step 2: PUT the file to ``upload_url`` exactly as received, streamed, with a Content-Length.
+
+        A progress watchdog bounds silence, not the upload: no body bytes taken by the socket and no answer bytes
+        read for ``upload_read_timeout_s`` aborts the attempt with :class:`UploadStalled`. (aiohttp's own read
+        timeout does not run while the body is being sent, so a storage node that stops reading held the PUT until
+        the kernel gave up, about 15 minutes.)
+        """
+        watchdog = _Watchdog(self._upload_idle_s)
+        payload = _FilePayload(path, size, sha256, watchdog.progress)
+        watchdog.payload = payload
         try:
-            async with self.session.put(
-                URL(upload_url, encoded=True),
-                data=payload,
-                headers={"Content-Length": str(size)},
-                # Like the manual's curl and requests examples: no Content-Type, which a signature may not cover.
-                skip_auto_headers=("Content-Type",),
-                timeout=self._put_timeout,
-                allow_redirects=False,
-            ) as resp:
-                if resp.status >= 300:
-                    raise await _put_error(resp)
-                await resp.read()
+            with watchdog:
+                async with self.session.put(
+                    URL(upload_url, encoded=True),
+                    data=payload,
+                    headers={"Content-Length": str(size)},
+                    # Like the manual's curl and requests examples: no Content-Type, which a signature may not cover.
+                    skip_auto_headers=("Content-Type",),
+                    timeout=self._put_timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    watchdog.progress()
+                    if resp.status >= 300:
+                        raise await _put_error(resp)
+                    async for _ in resp.content.iter_any():
+                        watchdog.progress()
+        except asyncio.CancelledError:
+            if not watchdog.fired():
+                raise
+            if payload.transport is not None:
+                payload.transport.abort()  # not close(): that would go on flushing buffered body bytes
+            raise UploadStalled(
+                self._upload_idle_s, sent=payload.sent, size=size, body_complete=payload.last_byte_handed_over
+            ) from None
         except SourceChanged:
             raise
         except aiohttp.ClientError as e:
             if isinstance(e.__cause__, SourceChanged):
                 raise e.__cause__ from None
-            raise TransportError("put", _transport_detail(e), body_complete=payload.body_complete) from None
+            raise TransportError("put", _transport_detail(e), body_complete=payload.last_byte_handed_over) from None
         except TimeoutError:
             detail = "timed out waiting for the storage server"
-            raise TransportError("put", detail, body_complete=payload.body_complete) from None
+            raise TransportError("put", detail, body_complete=payload.last_byte_handed_over) from None
 
     async def download(self, url: str, dest: Path) -> int:
         """Stream ``url`` into ``dest`` (via a hidden temporary name); returns the byte count."""
         part = dest.with_name(f".{dest.name}.part")  # hidden until complete
         total = 0
         try:
-            async with self.session.get(URL(url, encoded=True), timeout=self._put_timeout) as resp:
+            async with self.session.get(URL(url, encoded=True), timeout=self._download_timeout) as resp:
                 if resp.status >= 300:
                     raise await _put_error(resp, endpoint="download")
                 # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
@@ -313,17 +430,7 @@ class Client:
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
     value = resp.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return None if value is None else parse_retry_after(value, datetime.now(UTC))
 
 
 def _api_error(endpoint: str, resp: aiohttp.ClientResponse, text: str, api_key: str) -> ApiError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -182,10 +183,16 @@ class Settings(_Section):
         if len(set(names)) != len(names):
             msg = "model names must be unique"
             raise ValueError(msg)
-        inboxes = [m.inbox.resolve() for m in self.models]
-        if len(set(inboxes)) != len(inboxes):
-            msg = "each model needs its own inbox"
-            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _folders_apart(self) -> Self:
+        # The daemon moves or rejects whatever lies in an inbox, and deletes zips left in staging at start: an inbox
+        # sharing ground with another inbox, the ledger, staging or the log file loses files. Staging beside or
+        # inside the ledger's folder is fine (its clean-up only touches *.zip and *.part directly in it).
+        problems = _overlaps(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -219,6 +226,59 @@ class Settings(_Section):
             return cls.model_validate({**raw, "source": source})
         except ValidationError as e:
             raise ConfigError(_describe(e, raw, source)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    key: str
+    path: Path  # as configured
+    real: Path  # symlinks resolved: what is compared
+    # "folder": no inbox may be, contain or lie inside it; "ledger": nor its folder; "file": it must not lie in an inbox
+    kind: str = "folder"
+
+    def __str__(self) -> str:
+        shown = str(self.path) if self.real == self.path else f"{self.path} → {self.real}"
+        return f"{self.key} ({shown})"
+
+
+def _place(key: str, path: Path, kind: str = "folder") -> _Place:
+    return _Place(key, path, path.resolve(), kind)
+
+
+def _overlaps(settings: Settings) -> list[str]:
+    """One line per clash of an inbox with another inbox, the ledger's folder, the staging folder or the log file."""
+    inboxes = [_place(f"models[{i}] ({m.name}).inbox", m.inbox) for i, m in enumerate(settings.models)]
+    ledger = _place("ledger.path", settings.ledger.path, "ledger")
+    others = [ledger]
+    staging = _place("ledger.staging_dir", settings.staging_dir)
+    if settings.ledger.staging_dir is not None or not staging.real.is_relative_to(ledger.real.parent):
+        others.append(staging)  # the default lies in the ledger's folder: its clashes are the ledger's, named so
+    if settings.logging.file is not None:
+        others.append(_place("logging.file", settings.logging.file, "file"))
+    problems = []
+    for i, inbox in enumerate(inboxes):
+        for earlier in inboxes[:i]:
+            problems += _clash(earlier, inbox)
+        for other in others:
+            problems += _clash(other, inbox)
+    return problems
+
+
+def _clash(place: _Place, inbox: _Place) -> list[str]:
+    if place.kind != "folder":  # a file: it must not lie in an inbox (nor, for the ledger, its folder hold one)
+        folder = place.real.parent
+        if folder.is_relative_to(inbox.real):
+            return [f"{place} lies inside {inbox}"]
+        if place.kind == "ledger" and inbox.real.is_relative_to(folder):
+            return [f"{inbox} lies inside the folder of {place}"]
+        return []
+    if place.real == inbox.real:
+        return [f"{inbox} is the same folder as {place}"]
+    if place.real.is_relative_to(inbox.real):
+        return [f"{place} lies inside {inbox}"]
+    if inbox.real.is_relative_to(place.real):
+        return [f"{inbox} lies inside {place}"]
+    return []
 
 
 def default_config_path() -> Path:
@@ -283,9 +343,11 @@ def _describe(error: ValidationError, raw: dict[str, Any], source: Path | None) 
                 continue
             else:
                 parts.append(str(part))
-        key = ".".join(parts) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (misspelt?)"
-        lines.append(f"{where}: {key}: {message}")
+        if not parts:  # a check across sections: its message names the keys, one problem a line
+            lines += [f"{where}: {line}" for line in message.splitlines()]
+            continue
+        lines.append(f"{where}: {'.'.join(parts)}: {message}")
     return "\n".join(lines)

@@ -2,14 +2,19 @@
 
 Moves are planned first (the targets are stored in the ledger), then carried out; carrying out a plan again after
 a crash is harmless: a source already at its target is left alone. ``done/`` and ``failed/`` live inside the inbox,
-so each move is a rename on one filesystem: atomic, never a copy.
+so a move is normally a rename: atomic. Either may be a symlink to an archive on another filesystem; there a move is
+done like ``mv``: copy to a hidden name in the target folder, fsync, rename to the target without replacing, fsync
+the folder, unlink the source. A replay after a crash at any point neither loses nor duplicates a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,21 +78,31 @@ def plan_result_name(inbox: Path, stem: str, *, job_id: int, dest: str = "done")
 
 
 def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """Rename each source to its planned target (which was free when planned: only the daemon writes there).
+    """Move each source to its planned target (which was free when planned: only the daemon writes there).
 
-    Returns the sources that were in neither place (the user took them). Never renames over an existing file.
+    Returns the sources that were in neither place (the user took them). Never moves over an existing file.
     """
     missing: list[str] = []
     for name, target in zip(sources, targets, strict=False):
         src, dst = inbox / name, inbox / target
         if os.path.lexists(dst):
             # Moved already (a replay after a crash). Whatever now stands at `src` is a newer drop by the user and
-            # must not be renamed over it: it stays in the inbox and becomes a job of its own.
+            # must not be moved over it: it stays in the inbox and becomes a job of its own; unless the move was a
+            # copy to another filesystem that crashed before it removed its source.
+            _drop_copied_source(src, dst)
             continue
         try:
             os.rename(src, dst)
         except FileNotFoundError:
+            _part_name(dst).unlink(missing_ok=True)
             missing.append(name)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            try:
+                _move_across(src, dst)
+            except FileNotFoundError:
+                missing.append(name)
     _fsync_dir(inbox)
     for folder in {(inbox / t).parent for t in targets}:
         _fsync_dir(folder)
@@ -97,7 +112,8 @@ def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> 
 def rename_no_replace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError): a hard link fails atomically if it does.
 
-    On a filesystem without hard links, falls back to check-then-rename (a narrow race, with our own files only).
+    On a filesystem without hard links, falls back to check-then-rename (a narrow race, with our own files only);
+    across filesystems, to a copy (see the module's docstring).
     """
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -108,9 +124,77 @@ def rename_no_replace(src: Path, dst: Path) -> None:
             raise
         if os.path.lexists(dst):
             raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from None
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError as e2:
+            if e2.errno != errno.EXDEV:
+                raise
+            _move_across(src, dst)
         return
     os.unlink(src)
+
+
+def _part_name(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.moving")
+
+
+def _move_across(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` on another filesystem, like ``mv``; FileNotFoundError if ``src`` is gone."""
+    part = _part_name(dst)  # hidden, and a fixed name: a replay overwrites what a crash left half-written
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        part.unlink(missing_ok=True)
+        os.symlink(os.readlink(src), part)
+    elif stat.S_ISFIFO(st.st_mode):
+        part.unlink(missing_ok=True)
+        os.mkfifo(part, stat.S_IMODE(st.st_mode))
+    elif stat.S_ISREG(st.st_mode):
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open(fd, "rb") as fin, open(part, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        # The source's times and mode, as mv keeps them; the time also tells a replay the copy from a new drop.
+        os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with contextlib.suppress(OSError):  # some archive filesystems have no modes
+            os.chmod(part, stat.S_IMODE(st.st_mode))
+    else:
+        raise OSError(errno.EXDEV, "cannot copy this kind of file to another filesystem", str(src))
+    try:
+        rename_no_replace(part, dst)  # same folder: a link or a rename, never a copy
+    except FileExistsError:
+        part.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    now = os.lstat(src)
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+        os.unlink(src)  # still the file copied: a file the user put there meanwhile stays
+    _fsync_dir(src.parent)
+
+
+def _drop_copied_source(src: Path, dst: Path) -> None:
+    """After a crash between a cross-filesystem copy and its unlink: remove the source if ``dst`` is its copy."""
+    _part_name(dst).unlink(missing_ok=True)
+    try:
+        a, b = os.lstat(src), os.lstat(dst)
+    except FileNotFoundError:
+        return
+    if a.st_dev == b.st_dev or not (stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode)):
+        return  # a rename on one filesystem leaves no source behind: this one is a new drop
+    if (a.st_size, a.st_mtime_ns) != (b.st_size, b.st_mtime_ns) or not _same_bytes(src, dst):
+        return
+    os.unlink(src)
+    _fsync_dir(src.parent)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def write_error_file(path: Path, content: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ import errno
 import random
 from dataclasses import dataclass
 
-from .client import ApiError, SourceChanged, TransportError
+from .client import ApiError, SourceChanged, TransportError, UploadStalled
 
 __all__ = [
     "CREDENTIAL_MESSAGES",
@@ -62,6 +62,10 @@ Verdict = Retry | RenewUrl | Pause | Fail
 
 def classify(error: BaseException) -> Verdict:
     """Sort an error from any step into: retry it, get a fresh upload URL, pause the model, or fail the job."""
+    if isinstance(error, UploadStalled) and not error.body_complete:
+        # The last byte never left, so nothing arrived: try again at once through a fresh URL (a stuck storage node
+        # may sit behind the old one). With the whole body sent the outcome is unknown: settled like any lost answer.
+        return RenewUrl(str(error))
     if isinstance(error, TransportError):
         return Retry(str(error))
     if isinstance(error, SourceChanged):

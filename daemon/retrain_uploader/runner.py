@@ -23,10 +23,12 @@ from .closer import close_job, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
+from .mover import apply_moves, plan_moves
 from .outcome import Arrived, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
 from .packager import source_identities
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .redact import scrub
+from .watcher import FAILED_DIR, printable_name
 
 __all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner", "context_for", "inbox_key"]
 
@@ -419,8 +421,10 @@ class Runner:
             log.info("upload.not_arrived", **job.log_fields(), status=verdict.status)
             self._unknown_since.pop(job.id, None)
             self._settle_failures.pop(job.id, None)
+            self._tickets.pop(job.id, None)  # a fresh URL: the node behind the old one may be the one that failed
             return self.ledger.update(
                 job.id,
+                state=State.REQUESTING,
                 put_started=0,
                 outcome_unknown_since=None,
                 event="not_arrived",
@@ -576,17 +580,29 @@ class Runner:
         close_job(self.ledger, job, model.inbox)
 
     def reject(self, model: ModelContext, name: str, reason: str) -> Job:
-        """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it."""
+        """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it.
+
+        A name that is not UTF-8 cannot be stored (SQLite text is UTF-8): the job records it with ``\\xff`` escapes
+        and the entry, moved by its real name, becomes ``failed/jobN.dropped``.
+        """
+        shown = printable_name(name)
         job = self.ledger.create_job(
             model=model.name,
             kind="reject",
-            name=name,
-            sources=[name],
-            upload_filename=name,
+            name=shown,
+            sources=[shown],
+            upload_filename=shown,
             inbox=inbox_key(model.inbox),
         )
-        job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
-        return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
+        if shown == name:
+            job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
+            return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
+        hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
+        job = self._fail(job, f"'{shown}' was not taken: {reason}", hint)  # repr() would double each backslash
+        targets = plan_moves(model.inbox, [name], FAILED_DIR, job_id=job.id, error_stem=shown)
+        job = self.ledger.update(job.id, moved_to=targets)
+        apply_moves(model.inbox, [name], targets[:1])  # gone meanwhile: closing reports it missing
+        return close_job(self.ledger, job, model.inbox)
 
     def _packaged_still_valid(self, job: Job, model: ModelContext) -> bool:
         if job.package_path and not Path(job.package_path).exists():

@@ -22,17 +22,15 @@ import structlog
 from . import packager
 from .admin import PROBE_JOB_ID
 from .client import ApiError, Client, TransportError
-from .closer import close_job
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics, MetricsServer
-from .mover import apply_moves, plan_moves
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
 from .redact import register_secret
 from .runner import Closed, ModelContext, Parked, RetryLater, Runner, context_for, inbox_key
 from .tracker import RetrainTracker
-from .watcher import FAILED_DIR, Candidate, InboxWatcher, Reject, printable_name
+from .watcher import Candidate, InboxWatcher, Reject
 
 __all__ = ["Service"]
 
@@ -413,33 +411,7 @@ class Service:
                 del self._taken[(inbox, name)]
 
     async def _reject(self, model: str, reject: Reject) -> None:
-        ctx = self.models[model]
-        shown = printable_name(reject.name)
-        if shown == reject.name:
-            self.runner.reject(ctx, reject.name, reject.reason)
-        else:
-            self._reject_undecodable(ctx, reject, shown)
-
-    def _reject_undecodable(self, ctx: ModelContext, reject: Reject, shown: str) -> None:
-        """A name that is not UTF-8 cannot be stored in the ledger (SQLite text is UTF-8): the job records it as
-        ``shown`` (``\\xff`` escapes), and the entry is moved by its real name to ``failed/jobN.dropped`` before the
-        job is closed (closing then finds it moved and writes the error file)."""
-        inbox = ctx.settings.inbox
-        job = self.ledger.create_job(model=ctx.name, kind="reject", name=shown, sources=[shown], upload_filename=shown)
-        reason = f"'{shown}' was not taken: {reject.reason}"  # repr() would double the backslash of each escape
-        log.error("job.failed", **job.log_fields(), state=str(job.state), error=reason)
-        hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
-        job = self.ledger.update(
-            job.id,
-            state=State.FAILED,
-            error=reason,
-            event="failed",
-            detail={"error": reason, "at_state": str(job.state), "hint": hint},
-        )
-        targets = plan_moves(inbox, [reject.name], FAILED_DIR, job_id=job.id, error_stem=shown)
-        job = self.ledger.update(job.id, moved_to=targets)
-        apply_moves(inbox, [reject.name], targets[:1])  # gone meanwhile: closing reports it missing
-        close_job(self.ledger, job, inbox)
+        self.runner.reject(self.models[model], reject.name, reject.reason)
 
     def _recover(self) -> None:
         keep: list[Path] = []
