@@ -15,10 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from retrain_uploader.admin import collect, render
 from retrain_uploader.client import ApiError, JobStatus, TransportError
 from retrain_uploader.config import Settings
 from retrain_uploader.emulator import WAITING, Emulator
-from retrain_uploader.ledger import AFTER_UPLOAD, State
+from retrain_uploader.ledger import AFTER_UPLOAD, Ledger, State
 from retrain_uploader.outcome import (
     Arrived,
     CheckFailed,
@@ -238,6 +239,11 @@ async def test_the_job_says_its_outcome_is_unknown_while_it_is(
 
     job = await wait_for(unresolved, what="a job whose PUT outcome is unknown")
     assert job.state is State.UPLOADING and job.as_dict()["outcome_unknown_since"] == job.outcome_unknown_since
+    with Ledger(d.settings.ledger.path) as ledger:
+        report = collect(d.settings, ledger)
+    [alpha] = [m for m in report["models"] if m["model"] == "alpha"]
+    assert [(u["id"], u["file"]) for u in alpha["outcome_unknown"]] == [(job.id, "a.csv")]
+    assert f"UPLOAD OUTCOME UNKNOWN: job {job.id} 'a.csv'" in render(report)
     # Attempts are not spent on it: many failed checks later it is still waiting, not failed.
     await wait_for(lambda: sum(r.endpoint == "status" for r in emulator.requests) > 12, what="many failed checks")
     [job] = d.jobs()

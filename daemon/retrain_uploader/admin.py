@@ -33,10 +33,21 @@ def collect(settings: Settings, ledger: Ledger | None) -> dict[str, Any]:
         row = models_row.get(model.name, {})
         waiting, oldest = _waiting_files(model.inbox)
         last_failed = None
+        unknown: list[dict[str, Any]] = []
         if ledger:
             failed = ledger.jobs(state=State.FAILED, model=model.name)
             if failed:
                 last_failed = {"id": failed[-1].id, "error": failed[-1].error, "at": failed[-1].updated_at}
+            unknown = [
+                {
+                    "id": j.id,
+                    "file": j.upload_filename,
+                    "retrain_job_id": j.retrain_job_id,
+                    "since": j.outcome_unknown_since,
+                }
+                for j in ledger.jobs(state=State.UPLOADING, model=model.name)
+                if j.outcome_unknown_since
+            ]
         out["models"].append(
             {
                 "model": model.name,
@@ -51,6 +62,7 @@ def collect(settings: Settings, ledger: Ledger | None) -> dict[str, Any]:
                 "last_error": row.get("last_error"),
                 "last_error_at": row.get("last_error_at"),
                 "last_failed_job": last_failed,
+                "outcome_unknown": unknown,
             }
         )
     return out
@@ -97,6 +109,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  waiting: {waiting}")
         if m["paused"]:
             lines.append(f"  PAUSED since {m['paused_at']}: {m['paused_reason']}")
+        for j in m.get("outcome_unknown", []):
+            lines.append(
+                f"  UPLOAD OUTCOME UNKNOWN: job {j['id']} {j['file']!r} since {j['since']}"
+                " (its answer was lost; asking the status check, not sending it again until it answers)"
+            )
         lines.append(f"  last success: {m['last_success_at'] or 'never'}")
         if m["last_error"]:
             lines.append(f"  last error ({m['last_error_at']}): {m['last_error']}")

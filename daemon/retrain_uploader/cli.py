@@ -133,6 +133,9 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             print(json.dumps(job.as_dict(), ensure_ascii=False))
         else:
             error = f"  {job.error}" if job.error else ""
+            if job.outcome_unknown_since:
+                unknown = f"upload outcome unknown since {job.outcome_unknown_since}, asking the status check"
+                error = f"  {unknown}{error}"
             print(
                 f"{job.id:>6}  {job.model:<16} {job.state:<15} {job.upload_filename:<40} "
                 f"{job.retrain_job_id or '-':<36} {job.updated_at}{error}"

@@ -6,6 +6,7 @@ the same moves.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from .mover import apply_moves, plan_moves, rename_no_replace, write_error_file
 from .packager import source_identity
 from .watcher import DONE_DIR, FAILED_DIR
 
-__all__ = ["close_job", "drop_staged"]
+__all__ = ["close_job", "close_job_off_loop", "drop_staged"]
 
 log = structlog.get_logger("retrain_uploader.closer")
 
@@ -26,6 +27,22 @@ def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
     """Move the sources out of ``inbox``, write the error file of a failed job, mark the job closed."""
     if job.closed:
         return job
+    job, failed_detail = _prepare(ledger, job, inbox)
+    missing, replaced = _carry_out(job, inbox, failed_detail)
+    return _record(ledger, job, missing, replaced)
+
+
+async def close_job_off_loop(ledger: Ledger, job: Job, inbox: Path) -> Job:
+    """:func:`close_job` with the file work in a thread: a move into an archive on another filesystem is a copy
+    that can take minutes. The ledger is only touched from the caller's thread."""
+    if job.closed:
+        return job
+    job, failed_detail = _prepare(ledger, job, inbox)
+    missing, replaced = await asyncio.to_thread(_carry_out, job, inbox, failed_detail)
+    return _record(ledger, job, missing, replaced)
+
+
+def _prepare(ledger: Ledger, job: Job, inbox: Path) -> tuple[Job, dict[str, Any] | None]:
     failed = job.state is State.FAILED
     if not job.moved_to:
         targets = plan_moves(
@@ -36,9 +53,24 @@ def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
             error_stem=job.name if failed else None,
         )
         job = ledger.update(job.id, moved_to=targets)
+    if not failed:
+        return job, None
+    failed_event = next((e for e in reversed(ledger.events(job.id)) if e["event"] == "failed"), None)
+    return job, (failed_event["detail"] if failed_event else {}) or {}
+
+
+def _carry_out(job: Job, inbox: Path, failed_detail: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """The file work of closing (no ledger access: this may run in a thread). Returns (missing, replaced)."""
     mine, replaced = _still_ours(inbox, job)
     missing = apply_moves(inbox, [job.sources[i] for i in mine], [job.moved_to[i] for i in mine])
     replaced += _moved_back(inbox, job, mine)
+    if failed_detail is not None:
+        write_error_file(inbox / job.moved_to[-1], _error_content(job, failed_detail, missing, replaced))
+    drop_staged(job)
+    return missing, replaced
+
+
+def _record(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -> Job:
     for name in replaced:
         log.warning(
             "job.source_replaced",
@@ -46,9 +78,6 @@ def close_job(ledger: Ledger, job: Job, inbox: Path) -> Job:
             source=name,
             action="left in the inbox: it is not the file this job checked, and becomes a job of its own",
         )
-    if failed:
-        write_error_file(inbox / job.moved_to[-1], _error_content(ledger, job, missing, replaced))
-    drop_staged(job)
     job = ledger.update(
         job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to), "replaced": replaced or None}
     )
@@ -110,9 +139,7 @@ def drop_staged(job: Job) -> None:
         Path(job.package_path + ".part").unlink(missing_ok=True)
 
 
-def _error_content(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -> dict[str, Any]:
-    failed_event = next((e for e in reversed(ledger.events(job.id)) if e["event"] == "failed"), None)
-    detail = failed_event["detail"] if failed_event else {}
+def _error_content(job: Job, detail: dict[str, Any], missing: list[str], replaced: list[str]) -> dict[str, Any]:
     return {
         "job_id": job.id,
         "model": job.model,

@@ -19,7 +19,7 @@ import structlog
 
 from . import checks, packager
 from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadTicket
-from .closer import close_job, drop_staged
+from .closer import close_job, close_job_off_loop, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
@@ -576,8 +576,7 @@ class Runner:
     # -- closing ------------------------------------------------------------------------------------------------------
     async def _close(self, job: Job, model: ModelContext) -> None:
         # Deleting a staging zip of hundreds of MB takes tens of ms: not on the event loop.
-        await asyncio.to_thread(drop_staged, job)
-        close_job(self.ledger, job, model.inbox)
+        await close_job_off_loop(self.ledger, job, model.inbox)
 
     def reject(self, model: ModelContext, name: str, reason: str) -> Job:
         """A file that can never be a job (symlink, FIFO, unsupported name): record it as failed and move it.
