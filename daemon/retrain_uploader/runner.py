@@ -189,7 +189,9 @@ class Runner:
                     return Parked(model.paused_reason)  # the job it waits for is parked too
                 waits = self._waits.get(job.id, 0) + 1
                 self._waits[job.id] = waits
-                return RetryLater(min(self.settings.retry.base_delay_s * 2**waits, self.settings.retry.max_delay_s))
+                retry = self.settings.retry
+                delay = backoff_delay(waits, base_s=retry.base_delay_s, max_s=retry.max_delay_s, rng=self._rng)
+                return RetryLater(delay)
             except _Stopped:
                 return RetryLater(0.0)  # still `packaging` in the ledger: packaged again at the next start
             except _AskAgain as e:

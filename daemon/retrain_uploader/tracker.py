@@ -20,7 +20,7 @@ from .config import Settings
 from .ledger import Job, Ledger, StaleJob, State
 from .mover import plan_result_name
 from .outcome import FINISHED_STATUS, Gone, interpret, read_answer
-from .policy import Pause, classify
+from .policy import Pause, backoff_delay, classify
 from .redact import scrub
 from .runner import ModelContext, context_for
 
@@ -292,7 +292,7 @@ class RetrainTracker:
                 self._failures.pop(job.id, None)
                 return
         status = self.settings.status
-        delay = min(status.poll_s * 2 ** min(failures - 1, 20), max(status.max_poll_delay_s, status.poll_s))
+        delay = backoff_delay(failures, base_s=status.poll_s, max_s=max(status.max_poll_delay_s, status.poll_s))
         if isinstance(error, ApiError) and error.message.strip() == NOT_FINISHED_MESSAGE:
             delay = status.poll_s
         self._next[job.id] = self._monotonic() + delay
