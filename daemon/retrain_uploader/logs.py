@@ -21,6 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Coroutine, MutableMapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
@@ -124,6 +125,7 @@ def _fallback_line(record: logging.LogRecord, error: Exception) -> str:
         "event": "logging.record_unformattable",
         "level": "error",
         "logger": record.name,
+        "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
         "msg": repr(record.msg),
         "error": f"{type(error).__name__}: {error}",
     }
