@@ -18,7 +18,7 @@ __all__ = ["REDACTED", "redact_url", "register_secret", "scrub", "structlog_proc
 
 REDACTED = "<redacted>"
 
-_QUERY = r"(?:[^\s\"'<>\\]|<redacted>)+"  # a value already replaced is taken in, not replaced twice
+_QUERY = r"(?:[^\s\x00-\x1f\x7f\"'<>\\]|<redacted>)+"  # a value already replaced is taken in, not replaced twice
 # A URL's query string, with the scheme written plainly, JSON-escaped (`https:\/\/`) or doubly escaped. It ends at
 # whitespace, a quote, `<`, `>` or a backslash (an escape such as `\"` or `\u0026` is left whole, so scrubbing a
 # rendered JSON line keeps it valid JSON; parameters after such an escape are caught by _PARAM).
@@ -40,9 +40,9 @@ _CREDENTIAL_NAMES = (
 # with a quoted value (`"sig": "…"`, `'sig': '…'`, `\"sig\": \"…\"`; `"token": 3` stays valid JSON) or a header
 # (`x-amz-security-token: …`).
 _SEPARATOR = r"=|%3d|%253d|\\{1,2}u003d|&#0*61;|&#x0*3d;|\\{0,2}[\"'][ \t]*:[ \t]*\\{0,2}[\"']|[ \t]*:[ \t]*"
-# A value ends where the next parameter starts (`&`, `&amp;`, `%26`, `\u0026`), or at whitespace, a quote, a
-# backslash, `<>`, `,` `;` `#` or a closing bracket. Signatures are hex or base64, which contain none of these.
-_VALUE = r"(?:(?!%26|%2526)[^\s\"'<>\\&,;#)\]}|])+"
+# A value ends where the next parameter starts (`&`, `&amp;`, `%26`, `\u0026`), or at whitespace, a control
+# character (a terminal colour code), a quote, a backslash, `<>`, `,` `;` `#` or a closing bracket. Signatures are hex or base64, which contain none of these.
+_VALUE = r"(?:(?!%26|%2526)[^\s\x00-\x1f\x7f\"'<>\\&,;#)\]}|])+"
 # The name starts after a character that cannot be part of it; a leading `26` of `%26`, `u0026` of `\u0026` or a
 # vendor prefix such as `X-Amz-` is taken into the name and kept.
 _PARAM = re.compile(
