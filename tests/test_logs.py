@@ -166,9 +166,7 @@ async def test_stdlib_records_warnings_and_uncaught_exceptions_are_scrubbed_json
         ("process.uncaught_exception", "critical", "retrain_uploader"),
     ]
     by_event = {r["event"].split(" ")[0]: r for r in stderr}
-    assert by_event["connection"]["event"] == (
-        "connection to https://storage.example/b/k.csv?<redacted> lost"
-    )
+    assert by_event["connection"]["event"] == ("connection to https://storage.example/b/k.csv?<redacted> lost")
     assert "UserWarning: deprecated, see https:\\/\\/storage.example\\/b\\/k.csv?<redacted>" in stderr[2]["event"]
     assert by_event["file.seen"]["name"] == "bad\udcffname.csv"  # the str back, surrogate and all
     assert b'"bad\\udcffname.csv"' in err  # ... written as a JSON escape, so the line encodes as UTF-8
@@ -176,9 +174,10 @@ async def test_stdlib_records_warnings_and_uncaught_exceptions_are_scrubbed_json
     assert task_error["message"] == "Task exception was never retrieved"
     assert "RuntimeError: PUT to https://storage.example/b/k.csv?<redacted> failed" in task_error["exception"]
     assert "ZeroDivisionError" in callback_error["exception"]
-    assert "ValueError: thread https://storage.example/b/k.csv?<redacted>" in by_event["thread.uncaught_exception"][
-        "exception"
-    ]
+    assert (
+        "ValueError: thread https://storage.example/b/k.csv?<redacted>"
+        in by_event["thread.uncaught_exception"]["exception"]
+    )
     assert "KeyError: 'crash https://storage.example/b/k.csv?<redacted>'" in stderr[-1]["exception"]
 
 

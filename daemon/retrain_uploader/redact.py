@@ -41,7 +41,8 @@ _CREDENTIAL_NAMES = (
 # (`x-amz-security-token: …`).
 _SEPARATOR = r"=|%3d|%253d|\\{1,2}u003d|&#0*61;|&#x0*3d;|\\{0,2}[\"'][ \t]*:[ \t]*\\{0,2}[\"']|[ \t]*:[ \t]*"
 # A value ends where the next parameter starts (`&`, `&amp;`, `%26`, `\u0026`), or at whitespace, a control
-# character (a terminal colour code), a quote, a backslash, `<>`, `,` `;` `#` or a closing bracket. Signatures are hex or base64, which contain none of these.
+# character (a terminal colour code), a quote, a backslash, `<>`, `,` `;` `#` `|` or a closing bracket.
+# Signatures are hex or base64, which contain none of these.
 _VALUE = r"(?:(?!%26|%2526)[^\s\x00-\x1f\x7f\"'<>\\&,;#)\]}|])+"
 # The name starts after a character that cannot be part of it; a leading `26` of `%26`, `u0026` of `\u0026` or a
 # vendor prefix such as `X-Amz-` is taken into the name and kept.
