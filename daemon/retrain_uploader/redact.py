@@ -18,7 +18,8 @@ __all__ = ["REDACTED", "redact_url", "register_secret", "scrub", "structlog_proc
 
 REDACTED = "<redacted>"
 
-_QUERY = r"(?:[^\s\x00-\x1f\x7f\"'<>\\]|<redacted>)+"  # a value already replaced is taken in, not replaced twice
+# A value already replaced is taken into the query, so a second pass (the value, then the line) changes nothing.
+_QUERY = r"(?:[^\s\x00-\x1f\x7f\"'<>\\]|" + re.escape(REDACTED) + ")+"
 # A URL's query string, with the scheme written plainly, JSON-escaped (`https:\/\/`) or doubly escaped. It ends at
 # whitespace, a quote, `<`, `>` or a backslash (an escape such as `\"` or `\u0026` is left whole, so scrubbing a
 # rendered JSON line keeps it valid JSON; parameters after such an escape are caught by _PARAM).
