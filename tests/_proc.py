@@ -171,17 +171,21 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self, *, ready: bool = True, timeout: float = 20.0) -> DaemonProcess:
-        """Start a new run; with ``ready``, wait for its ``service.started`` line (recovery is done by then)."""
+    async def start(
+        self, *, ready: bool = True, timeout: float = 20.0, env: Mapping[str, str] | None = None
+    ) -> DaemonProcess:
+        """Start a new run; with ``ready``, wait for its ``service.started`` line (recovery is done by then).
+        ``env`` adds or overrides environment variables of the child (e.g. its log level)."""
         assert not self.running, "still running"
         log_path = self.log_dir / f"{self.name}-run{len(self.logs) + 1}.log"
         self.logs.append(log_path)
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        env["RETRAIN_UPLOADER_LOG_LEVEL"] = "info"
+        child_env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+        child_env["RETRAIN_UPLOADER_LOG_LEVEL"] = "info"
+        child_env.update(env or {})
         with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe must never stall the daemon
             self.proc = await asyncio.create_subprocess_exec(
                 *COMMAND, "run", "--config", str(self.config),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log, env=child_env,
             )
         if ready:
             await wait_for(

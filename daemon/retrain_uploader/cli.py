@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
 from .ledger import Ledger, LedgerLocked, State
-from .logs import configure
+from .logs import configure, escape_surrogates, run_main
 
 __all__ = ["main"]
 
@@ -69,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for out in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 (lone surrogates) must not crash a print
+        if isinstance(out, io.TextIOWrapper):
+            out.reconfigure(errors="backslashreplace")
     configure(level=args.log_level or "info")
     handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
@@ -91,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure(level=args.log_level or settings.logging.level, file=settings.logging.file)
     _warn_permissions(settings)
     try:
-        return asyncio.run(Service(settings).run())
+        return run_main(Service(settings).run())
     except LedgerLocked as e:
         print(f"retrain-uploader: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -130,7 +134,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print(f"{'id':>6}  {'model':<16} {'state':<15} {'upload_filename':<40} {'retrain_job_id':<36} updated_at")
     for job in jobs:
         if args.json:
-            print(json.dumps(job.as_dict(), ensure_ascii=False))
+            print(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)))
         else:
             error = f"  {job.error}" if job.error else ""
             if job.outcome_unknown_since:
@@ -153,7 +157,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     finally:
         if ledger is not None:
             ledger.close()
-    print(json.dumps(report, ensure_ascii=False) if args.json else render(report))
+    print(escape_surrogates(json.dumps(report, ensure_ascii=False)) if args.json else render(report))
     return EXIT_OK
 
 
@@ -231,7 +235,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return asyncio.run(run_demo(once=args.once, workdir=args.dir))
+    return run_main(run_demo(once=args.once, workdir=args.dir))
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -1,40 +1,95 @@
-"""Keep credentials out of every line we write: API keys and presigned URL query strings."""
+"""Keep credentials out of every line we write: API keys, presigned URL query strings and signature parameters.
+
+The text to clean is often not a plain URL: an error excerpt of a JSON body (``https:\\/\\/…\\u0026sig=…``), a
+percent-encoded URL inside another one (``X-Amz-Signature%3D…``), HTML (``&amp;Signature=…``) or a rendered log line.
+So :func:`scrub` works on patterns, not on parsed URLs, and errs on the side of removing too much.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
+import urllib.parse
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-__all__ = ["redact_url", "register_secret", "scrub", "structlog_processor"]
+__all__ = ["REDACTED", "redact_url", "register_secret", "scrub", "structlog_processor"]
 
-_URL_QUERY = re.compile(r"(https?://[^\s?#\"'<>]+)\?[^\s\"'<>]*", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+# A value already replaced is taken into the query, so a second pass (the value, then the line) changes nothing.
+_QUERY = r"(?:[^\s\x00-\x1f\x7f\"'<>\\]|" + re.escape(REDACTED) + ")+"
+# A URL's query string, with the scheme written plainly, JSON-escaped (`https:\/\/`) or doubly escaped. It ends at
+# whitespace, a quote, `<`, `>` or a backslash (an escape such as `\"` or `\u0026` is left whole, so scrubbing a
+# rendered JSON line keeps it valid JSON; parameters after such an escape are caught by _PARAM).
+_URL_QUERY = re.compile(
+    r"(?P<base>https?:(?:\\{0,2}/){2}[^\s?#\"'<>]*?)(?P<sep>\?|\\{1,2}u003f)" + _QUERY, re.IGNORECASE
+)
+# The same for a percent-encoded URL (`https%3A%2F%2F…%3F…`), once or twice encoded.
+_ENCODED_URL_QUERY = re.compile(
+    r"(?P<base>https?(?:%3a|%253a)(?:%2f|%252f){2}[^\s?#\"'<>\\]*?)(?P<sep>%3f|%253f)" + _QUERY, re.IGNORECASE
+)
+# Parameter names whose value is a credential, matched as a name suffix so vendor prefixes are covered:
+# X-Amz-Signature, X-Goog-Signature, Signature (CloudFront, Authorization headers), sig (Azure SAS), X-Amz-Credential,
+# Credential, X-Amz-Security-Token, access_token, AWSAccessKeyId, GoogleAccessId, Key-Pair-Id, x-api-key, ...
+_CREDENTIAL_NAMES = (
+    r"signature|sig|credentials?|security[-_]?token|token|access[-_]?key[-_]?id|access[-_]?id|key[-_]?pair[-_]?id"
+    r"|api[-_]?key|secret|password"
+)
+# name=value in its spellings: `=`, percent-encoded once or twice, JSON `\u003d`, HTML `&#61;`, or a quoted key
+# with a quoted value (`"sig": "…"`, `'sig': '…'`, `\"sig\": \"…\"`; `"token": 3` stays valid JSON) or a header
+# (`x-amz-security-token: …`).
+_SEPARATOR = r"=|%3d|%253d|\\{1,2}u003d|&#0*61;|&#x0*3d;|\\{0,2}[\"'][ \t]*:[ \t]*\\{0,2}[\"']|[ \t]*:[ \t]*"
+# A value ends where the next parameter starts (`&`, `&amp;`, `%26`, `\u0026`), or at whitespace, a control
+# character (a terminal colour code), a quote, a backslash, `<>`, `,` `;` `#` `|` or a closing bracket.
+# Signatures are hex or base64, which contain none of these.
+_VALUE = r"(?:(?!%26|%2526)[^\s\x00-\x1f\x7f\"'<>\\&,;#)\]}|])+"
+# The name starts after a character that cannot be part of it; a leading `26` of `%26`, `u0026` of `\u0026` or a
+# vendor prefix such as `X-Amz-` is taken into the name and kept.
+_PARAM = re.compile(
+    rf"(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z0-9_.-]*?(?:{_CREDENTIAL_NAMES}))(?P<sep>{_SEPARATOR})(?P<value>{_VALUE})",
+    re.IGNORECASE,
+)
+
 _secrets: set[str] = set()
 _lock = threading.Lock()
 
 
 def register_secret(secret: str) -> None:
-    """Remember a value (an API key) that must never be written anywhere."""
+    """Remember a value (an API key) that must never be written anywhere, in any of its usual encodings."""
     if len(secret) >= 4:
         with _lock:
-            _secrets.add(secret)
+            _secrets.update(_spellings(secret))
+
+
+def _spellings(secret: str) -> set[str]:
+    """The secret as written plainly, JSON-escaped and percent-encoded (what a log line or URL would hold)."""
+    return {secret, json.dumps(secret, ensure_ascii=False)[1:-1], urllib.parse.quote(secret, safe="")}
 
 
 def redact_url(url: str) -> str:
     """The URL without its query string: a presigned URL's query is the credential."""
     base, sep, _ = url.partition("?")
-    return base + ("?<redacted>" if sep else "")
+    return base + (f"?{REDACTED}" if sep else "")
 
 
 def scrub(text: str, extra: Iterable[str] = ()) -> str:
-    """``text`` with URL query strings and every registered secret replaced."""
-    text = _URL_QUERY.sub(r"\1?<redacted>", text)
+    """``text`` with URL query strings, credential parameters and every registered secret replaced.
+
+    Applied to a rendered JSON line it keeps the line valid JSON: no replacement starts or ends inside an escape.
+    """
+    text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
+    text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
+    text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
     with _lock:
-        secrets = [*_secrets, *extra]
+        secrets = set(_secrets)
+    for secret in extra:
+        if secret:
+            secrets |= _spellings(secret)
     for secret in sorted(secrets, key=len, reverse=True):
         if secret and secret in text:
-            text = text.replace(secret, "<redacted>")
+            text = text.replace(secret, REDACTED)
     return text
 
 
