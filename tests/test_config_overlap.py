@@ -45,6 +45,15 @@ def _inbox(index: int, value: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _key_file(index: int, value: str) -> Callable[[dict[str, Any]], None]:
+    def edit(raw: dict[str, Any]) -> None:
+        model = raw["models"][index]
+        del model["api_key_env"]
+        model["api_key_file"] = value
+
+    return edit
+
+
 A, B = "models[0] (alpha).inbox", "models[1] (beta).inbox"
 
 
@@ -75,10 +84,15 @@ A, B = "models[0] (alpha).inbox", "models[1] (beta).inbox"
             _set("logging", "file", "in/alpha/daemon.log"),
             "logging.file ({t}/in/alpha/daemon.log) lies inside {A} ({t}/in/alpha)",
         ),
+        (
+            _key_file(0, "in/beta/alpha.key"),
+            "models[0] (alpha).api_key_file ({t}/in/beta/alpha.key) lies inside {B} ({t}/in/beta)",
+        ),
+        (_inbox(0, "."), "the config file ({t}/config.toml) lies inside {A} ({t})"),
     ],
     ids=[
         "staging-in-inbox", "staging-is-inbox", "inbox-in-staging", "ledger-in-inbox", "inbox-in-ledger-folder",
-        "inbox-is-ledger-folder", "nested-inboxes", "same-inbox", "log-in-inbox",
+        "inbox-is-ledger-folder", "nested-inboxes", "same-inbox", "log-in-inbox", "key-in-inbox", "config-in-inbox",
     ],
 )
 def test_an_overlap_is_refused_naming_both_keys(

@@ -98,6 +98,37 @@ async def test_a_name_that_is_not_utf8_goes_to_failed_and_nothing_else_waits(sta
     assert all_utf8(logs)
 
 
+async def test_an_ignored_file_with_a_name_that_is_not_utf8_that_keeps_changing_does_not_delay_drops(
+    start_daemon,
+) -> None:
+    # Each change of such a file ends watchfiles' watch; the watch comes back within a second, not a rescan period.
+    d = await start_daemon(watch=NO_RESCAN)
+    inbox = d.inbox()
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        path = os.path.join(os.fsencode(inbox), b".\xff\xfe.part")
+        n = 0
+        while not stop.is_set():
+            with open(path, "ab") as f:
+                f.write(b"x" * 10)
+            n += 1
+            await asyncio.sleep(0.05)  # a copy tool writing: the pace of the hostile writer, not a wait for a result
+
+    task = asyncio.create_task(writer())
+    try:
+        with capture_logs() as logs:
+            for i in range(3):
+                await asyncio.sleep(0.4)  # let the writer kill the watch a few times between drops
+                drop(inbox, f"f{i}.csv", csv(10 + i))
+                await d.closed_jobs(i + 1, timeout=4)  # well before the 30 s rescan
+    finally:
+        stop.set()
+        await task
+    failures = [e for e in logs if e["event"] == "inbox.watch_failed"]
+    assert failures and len(failures) <= 2  # one line when the streak starts, not one per change
+
+
 # -- done/ and failed/ ----------------------------------------------------------------------------------------------
 
 

@@ -139,7 +139,7 @@ def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
     except KeyError:
         raise ValueError(f"model {job.model!r} is no longer in the config") from None
     pairs = list(zip(job.sources, job.moved_to, strict=False))
-    present = [(name, target) for name, target in pairs if (inbox / target).exists()]
+    present = [(name, target) for name, target in pairs if target and (inbox / target).exists()]
     if not present:
         raise ValueError("its files are no longer in failed/ (retried already, or moved away)")
     for name, _ in present:

@@ -15,7 +15,7 @@ import structlog
 
 from .ledger import Job, Ledger, State
 from .mover import apply_moves, plan_moves, rename_no_replace, write_error_file
-from .packager import source_identity
+from .packager import moved_intact, source_identity
 from .watcher import DONE_DIR, FAILED_DIR
 
 __all__ = ["close_job", "close_job_off_loop", "drop_staged"]
@@ -78,6 +78,10 @@ def _record(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -
             source=name,
             action="left in the inbox: it is not the file this job checked, and becomes a job of its own",
         )
+    if replaced:
+        # Their planned names in done/ or failed/ were never used: another job may take them.
+        kept = [("" if name in replaced else target) for name, target in zip(job.sources, job.moved_to, strict=False)]
+        job = ledger.update(job.id, moved_to=kept + list(job.moved_to[len(job.sources) :]))
     job = ledger.update(
         job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to), "replaced": replaced or None}
     )
@@ -121,7 +125,7 @@ def _moved_back(inbox: Path, job: Job, moved: list[int]) -> list[str]:
         name, target = job.sources[i], job.moved_to[i]
         recorded = (job.source_ids or {}).get(name)
         now = source_identity(inbox / target)
-        if recorded is None or not now or now == recorded:
+        if recorded is None or not now or moved_intact(recorded, now):
             continue
         try:
             rename_no_replace(inbox / target, inbox / name)

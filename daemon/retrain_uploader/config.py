@@ -255,6 +255,13 @@ def _overlaps(settings: Settings) -> list[str]:
         others.append(staging)  # the default lies in the ledger's folder: its clashes are the ledger's, named so
     if settings.logging.file is not None:
         others.append(_place("logging.file", settings.logging.file, "file"))
+    if settings.source is not None:
+        others.append(_place("the config file", settings.source, "file"))
+    others += [
+        _place(f"models[{i}] ({m.name}).api_key_file", m.api_key_file, "file")
+        for i, m in enumerate(settings.models)
+        if m.api_key_file is not None
+    ]
     problems = []
     for i, inbox in enumerate(inboxes):
         for earlier in inboxes[:i]:

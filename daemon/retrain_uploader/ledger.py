@@ -212,7 +212,8 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _DUPLICATE_OF = (
-    "SELECT id, state FROM jobs WHERE (model = ? OR inbox = ?) AND content_sha256 = ? AND id != ?"  # noqa: S608
+    "SELECT id, state FROM jobs WHERE (inbox = ? OR (inbox IS NULL AND model = ?))"  # noqa: S608 -- placeholders
+    " AND content_sha256 = ? AND id != ?"
     f" AND state IN ({', '.join('?' * len(_SENT_OR_SENDING))}) ORDER BY id LIMIT 1"
 )
 
@@ -400,8 +401,9 @@ class Ledger:
     def claim_content(
         self, job_id: int, model: str, content_sha256: str, *, inbox: str | None = None
     ) -> tuple[int, bool] | None:
-        """Move a packaged job to ``requesting`` unless the same content was sent or is being sent, by this model or
-        by any job taken from the same inbox (a model renamed in the config is the same remote model).
+        """Move a packaged job to ``requesting`` unless the same content was sent or is being sent from the same inbox
+        (the remote model's stand-in: a model renamed in the config keeps its inbox, and a name given to another inbox
+        is another model). Jobs from before schema 3, which recorded no inbox, count by model name.
 
         Returns None when claimed; else ``(earlier job id, still_in_flight)`` and leaves this job untouched: a
         duplicate when the earlier job's upload is done, a job to try later while the earlier one is under way (it
@@ -409,7 +411,7 @@ class Ledger:
         """
         with self._tx():
             row = self._db.execute(
-                _DUPLICATE_OF, (model, inbox, content_sha256, job_id, *_SENT_OR_SENDING)
+                _DUPLICATE_OF, (inbox, model, content_sha256, job_id, *_SENT_OR_SENDING)
             ).fetchone()
             if row is not None:
                 return int(row[0]), row[1] in _IN_FLIGHT

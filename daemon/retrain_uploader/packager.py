@@ -23,6 +23,7 @@ __all__ = [
     "Cancelled",
     "Package",
     "clean_staging",
+    "moved_intact",
     "package_csv",
     "package_pair",
     "package_zip",
@@ -51,13 +52,27 @@ class Cancelled(Exception):
 
 
 def source_identity(path: Path) -> list[int]:
-    """``[device, inode, size, mtime_ns]`` of the entry at ``path`` (lstat: a link in its place is another file);
-    ``[]`` if there is none. A job moves out of the inbox only files that still have the identity it checked."""
+    """``[device, inode, size, mtime_ns, ctime_ns]`` of the entry at ``path`` (lstat: a link in its place is another
+    file); ``[]`` if there is none. A job moves out of the inbox only files that still have the identity it checked.
+    The ctime catches a rewrite in place that kept the size and put the mtime back (``cp -p``, ``rsync --inplace -t``).
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return []
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def moved_intact(recorded: list[int], now: list[int]) -> bool:
+    """Is ``now`` (the identity at a move's target) the file that had identity ``recorded`` in the inbox?
+
+    A rename changes the ctime; a move onto another filesystem (a copy, mtime kept) changes device and inode too.
+    """
+    if not now or len(recorded) < 4:
+        return False
+    if now[0] == recorded[0]:
+        return now[1:4] == recorded[1:4]
+    return now[2:4] == recorded[2:4]
 
 
 def source_identities(inbox: Path, names: Collection[str]) -> dict[str, list[int]]:

@@ -32,7 +32,7 @@ def parse_retry_after(value: str, now: datetime) -> float | None:
     if not text or len(text) > _MAX_HEADER:
         return None
     if _DELAY.fullmatch(text):
-        whole = text.partition(".")[0]
+        whole = text.partition(".")[0].lstrip("0")
         if len(whole) > _MAX_DELAY_DIGITS:
             return float(10**_MAX_DELAY_DIGITS)
         return float(text)

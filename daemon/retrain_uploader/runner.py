@@ -24,7 +24,7 @@ from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
 from .mover import apply_moves, plan_moves
-from .outcome import Arrived, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
+from .outcome import Arrived, Gone, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
 from .packager import source_identities
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .redact import scrub
@@ -368,7 +368,13 @@ class Runner:
         if job.status_before_put is None:
             # Without a baseline a lost PUT answer could not be settled: no PUT before there is one. A failing check
             # is retried like any step (nothing was sent yet, so giving up after max_attempts costs nothing).
-            before = (await self.client.get_status(model.api_key, ticket.retrain_job_id)).status
+            try:
+                before = (await self.client.get_status(model.api_key, ticket.retrain_job_id)).status
+            except ApiError as e:
+                if not isinstance(read_answer(e), Gone):
+                    raise
+                # A job created a moment ago may not be listed by the status check yet: ask again, as for a 5xx.
+                raise TransportError("status", f"the new remote job is not listed yet ({e.describe()})") from e
             job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
         self._check_sources_unchanged(job, model)
         path = self._package_path(job, model)

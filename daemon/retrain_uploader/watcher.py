@@ -269,6 +269,7 @@ class InboxWatcher:
         self._scan_failed = False
         self._watch: _WatchStop | None = None
         self._watched: tuple[int, int] | None = None  # the folder the event watch is set up on
+        self._watch_warned_at = -1e9
 
     def poke(self) -> None:
         """Scan again soon (an event arrived, or a file was released)."""
@@ -376,8 +377,20 @@ class InboxWatcher:
                 if self._clock() - started > self.settings.rescan_s:
                     failures = 0
                 failures += 1
-                delay = backoff_delay(failures, base_s=self._rewatch_base_s, max_s=self.settings.rescan_s)
-                log.warning("inbox.watch_failed", model=self.model, error=_describe(e), retry_in_s=round(delay, 3))
+                # Capped low: while the watch is down only the rescan sees drops, and a file that keeps failing the
+                # watch (a changing name that is not UTF-8, even an ignored one) must not make every drop wait.
+                cap = min(self.settings.rescan_s, max(1.0, self.settings.settle_s))
+                delay = backoff_delay(failures, base_s=self._rewatch_base_s, max_s=cap)
+                now = self._clock()
+                if failures == 1 or now - self._watch_warned_at >= 60.0:  # a streak: one line a minute, not a second
+                    self._watch_warned_at = now
+                    log.warning(
+                        "inbox.watch_failed",
+                        model=self.model,
+                        error=_describe(e),
+                        retry_in_s=round(delay, 3),
+                        failures_in_a_row=failures,
+                    )
                 self._wake.set()  # what the failed watch would have reported is lost
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)

@@ -1,5 +1,6 @@
-"""Adversarial review of issue 9 ("exactly once, even in the hard windows"): reproductions that FAIL on the code as
-reviewed (main at fdbb361), each a hole in one of the issue's promises. Real emulator, real files, real SQLite."""
+"""The exactly-once promises attacked across modules, as an adversary would: archives on another filesystem, rewrites
+that keep size and mtime, escaped signatures, library log lines, a model name given to another inbox, a remote job
+not listed yet. Each test failed on the code before its fix. Real emulator, real processes, files and SQLite."""
 
 from __future__ import annotations
 
@@ -227,3 +228,27 @@ async def test_every_stderr_line_is_json_even_when_a_library_logs(tmp_path: Path
         except ValueError:
             bad.append(line)
     assert not bad, "\n".join(bad[:12])
+
+
+async def test_a_new_file_dropped_under_the_same_name_during_an_unknown_outcome_is_uploaded(
+    start_daemon, emulator: Emulator
+) -> None:
+    """Promise 1 (held? the re-drop is a new inode): it must stay in the inbox and be uploaded as a job of its own."""
+    d = await start_daemon()
+    inbox = d.inbox()
+    emulator.inject("put", "drop", after_body=True)
+    emulator.inject("status", "slow", delay_s=0)
+    emulator.inject("status", "http_status", status=503, times=1000)
+    drop(inbox, "a.csv", CSV)
+    await wait_for(lambda: emulator.uploads, 10, "the PUT to arrive")
+    await wait_for(lambda: any(j.outcome_unknown_since for j in d.jobs()), 10, "the outcome to be unknown")
+    new = CSV + "3,40,basic\n"
+    drop(inbox, "a.csv", new)  # a new inode under the same name
+    await asyncio.sleep(0.5)  # longer than settle_s: the watcher has seen it
+    emulator.clear_faults()
+    await wait_for(lambda: emulator.upload_count_by_sha()[sha(new)] == 1, 10, "the new file to be uploaded")
+    await d.closed_jobs(2)
+    assert emulator.upload_count_by_sha()[sha(CSV)] == 1
+    # The old file was unlinked by the user's rename over it; only the new one is left to archive.
+    assert (inbox / "done" / "a.csv").read_text() == new
+    assert not (inbox / "a.csv").exists()
