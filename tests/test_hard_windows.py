@@ -252,3 +252,39 @@ async def test_a_new_file_dropped_under_the_same_name_during_an_unknown_outcome_
     # The old file was unlinked by the user's rename over it; only the new one is left to archive.
     assert (inbox / "done" / "a.csv").read_text() == new
     assert not (inbox / "a.csv").exists()
+
+
+@pytest.mark.slow
+async def test_kill_9_while_copying_into_an_archive_on_another_filesystem_finishes_the_move_once(
+    tmp_path: Path, emulator: Emulator, small_disk: Path, daemons
+) -> None:
+    """The move into a done/ that links to another filesystem is a copy (seconds for a big file): SIGKILL in the
+    middle of it, restart, and the file ends in the archive once, whole, with no partial copy and nothing in the
+    inbox; it was uploaded once."""
+    import subprocess
+
+    await asyncio.to_thread(subprocess.run, ["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
+    config = write_config(tmp_path, emulator.base_url)
+    inbox = tmp_path / "inbox" / "alpha"
+    archive = small_disk / "archive"
+    archive.mkdir()
+    inbox.mkdir(parents=True)
+    (inbox / "done").symlink_to(archive)
+    block = b"".join(b"%d,%d,%d\n" % (i, i * 7, i % 13) for i in range(60_000))  # ~1 MB
+    data = b"a,b,c\n" + block * 200
+    drop(inbox, "big.csv", data)
+    daemon = await daemons(config).start()
+    partial = lambda: [p for p in archive.iterdir() if p.name.endswith(".moving")]  # noqa: E731
+    await wait_for(partial, 60, "a copy into the archive under way")
+    await daemon.kill()
+    assert emulator.upload_count_by_sha()[sha(data)] == 1
+    await daemon.start()
+    ledger = LedgerView(tmp_path / "state" / "ledger.sqlite3")
+    [job] = await ledger.all_closed(1, timeout=60)
+    assert job["state"] in {"uploaded", "retraining", "finished"}
+    assert not (inbox / "big.csv").exists()
+    assert partial() == []
+    archived = [p for p in archive.iterdir() if p.name.endswith(".csv")]
+    assert [p.name for p in archived] == ["big.csv"]
+    assert sha(archived[0].read_bytes()) == sha(data)
+    assert emulator.upload_count_by_sha()[sha(data)] == 1

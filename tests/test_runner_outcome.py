@@ -224,6 +224,20 @@ async def test_an_unchanged_status_after_the_wait_sends_the_file_again_once(
     assert not_arrived["status"] == WAITING
 
 
+async def test_a_5xx_after_the_whole_body_is_settled_by_the_status_check_not_sent_again(
+    start_daemon: Callable[..., Any], emulator: Emulator
+) -> None:
+    # A gateway in front of the storage answers 502 although the storage kept the object.
+    emulator.inject("put", "http_status", status=502, after_body=True)
+    d = await start_daemon(retry={"unknown_outcome_wait_s": 2.0})
+    drop(d.inbox(), "a.csv", _table(9))
+    [job] = await d.closed_jobs(1)
+    assert job.state in AFTER_UPLOAD
+    assert list(emulator.upload_count_by_sha().values()) == [1]
+    assert [r.endpoint for r in emulator.requests].count("put") == 1
+    assert [e["detail"] for e in d.events(job.id) if e["event"] == "uploaded"] == [{"confirmed_by_status": True}]
+
+
 async def test_the_job_says_its_outcome_is_unknown_while_it_is(
     start_daemon: Callable[..., Any], emulator: Emulator
 ) -> None:

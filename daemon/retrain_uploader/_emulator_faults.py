@@ -20,7 +20,7 @@ log = structlog.get_logger("retrain_uploader.emulator")
 ENDPOINTS = frozenset({"upload_url", "put", "status", "switch", "result"})
 JSON_ENDPOINTS = frozenset({"upload_url", "status", "switch"})  # the API proper; the rest is object storage
 _PARAMS: dict[str, frozenset[str]] = {
-    "http_status": frozenset({"status", "retry_after", "body", "content_type"}),
+    "http_status": frozenset({"status", "retry_after", "body", "content_type", "after_body"}),
     "slow": frozenset({"delay_s"}),
     "hang": frozenset(),
     "drop": frozenset({"after_body"}),
@@ -150,6 +150,10 @@ async def apply_fault(
             return web.Response(text="<html>oops", content_type="text/html")
         case "wrong_shape":
             return web.json_response({"id": 1})
+        case "http_status" if fault.endpoint == "put" and fault.params.get("after_body"):
+            with contextlib.suppress(web.HTTPException):
+                await handler(request)  # the upload is received and recorded; a gateway then answers an error
+            return http_status_response(fault)
         case _:
             return http_status_response(fault)
     return await handler(request)

@@ -74,6 +74,9 @@ class ApiError(Exception):
         self.error = error
         self.message = message
         self.retry_after = retry_after
+        # For a PUT: whether its last byte had left when the answer came (a 5xx after it may come from a gateway
+        # in front of a storage that kept the object).
+        self.body_complete = False
         super().__init__(self.describe())
 
     def describe(self) -> str:
@@ -362,7 +365,9 @@ class Client:
                 ) as resp:
                     watchdog.progress()
                     if resp.status >= 300:
-                        raise await _put_error(resp)
+                        error = await _put_error(resp)
+                        error.body_complete = payload.last_byte_handed_over
+                        raise error
                     async for _ in resp.content.iter_any():
                         watchdog.progress()
         except asyncio.CancelledError:

@@ -383,13 +383,14 @@ class Runner:
         log.info("upload.started", **job.log_fields(), size_bytes=job.size_bytes, attempt=job.attempts + 1)
         try:
             await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
-        except (ApiError, SourceChanged):
-            # The storage answered with an error, or we cut the body short: either way this PUT did not complete.
-            self.ledger.update(job.id, put_started=0)
+        except SourceChanged:
+            self.ledger.update(job.id, put_started=0)  # we cut the body short: this PUT did not complete
             raise
-        except TransportError as e:
-            if not e.body_complete:
-                # The last byte never left: the storage cannot hold the object, so no retraining started.
+        except (ApiError, TransportError) as e:
+            # A 4xx, or any failure before the last byte left: the storage holds no object. A 5xx (or no answer)
+            # after the whole body may come from a gateway in front of a storage that kept it: settle by status.
+            definite = isinstance(e, ApiError) and e.http_status < 500
+            if definite or not e.body_complete:
                 self.ledger.update(job.id, put_started=0)
                 raise
             self._unknown_since[job.id] = self._monotonic()
