@@ -129,6 +129,11 @@ else
 fi
 run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --upgrade "$stage"
 
+# --- documentation, named by the unit's Documentation= ------------------------------------------------------------------
+run install -d -m 0755 -o root -g root "$PREFIX/doc"
+run install -m 0644 -o root -g root "$src/README.md" "$PREFIX/doc/README.md"
+run install -m 0644 -o root -g root "$src/deploy/README.md" "$PREFIX/doc/deploy-README.md"
+
 # --- configuration: root-owned, readable by the service group only ---------------------------------------------------
 run install -d -m 0750 -o root -g "$SERVICE_GROUP" "$ETC_DIR"
 run install -d -m 0750 -o root -g "$SERVICE_GROUP" "$ETC_DIR/keys"

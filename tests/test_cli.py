@@ -217,18 +217,17 @@ async def test_jobs_and_status_before_any_ledger_exists(config: Path) -> None:
 
 async def test_status_names_a_file_that_is_not_utf8_on_a_strict_utf8_stdout(config: Path) -> None:
     # A name of raw bytes reaches Python with a lone surrogate (b"\xff" -> "\udcff"); a strict UTF-8 stdout
-    # (PYTHONIOENCODING=utf-8) cannot encode it. JSON carries it as the escape \udcff, text as a backslash escape.
+    # (PYTHONIOENCODING=utf-8) cannot encode it. status shows it as the ledger and failed/ do: a \xff escape.
     inbox = config.parent / "inbox" / "alpha"
     drop(inbox, os.fsdecode(b"sales-\xff.csv"), CSV)
     env = _env(PYTHONIOENCODING="utf-8")
     result = await cli("status", "--json", "--config", config, env=env)
     assert result.code == 0, result
-    assert '"sales-\\udcff.csv"' in result.out
     [alpha] = [m for m in json.loads(result.out)["models"] if m["model"] == "alpha"]
-    assert os.fsencode(alpha["oldest_waiting_file"]["file"]) == b"sales-\xff.csv"  # the very bytes, back
+    assert alpha["oldest_waiting_file"]["file"] == "sales-\\xff.csv"
     text = await cli("status", "--config", config, env=env)
     assert text.code == 0, text
-    assert "sales-\\udcff.csv" in text.out
+    assert "sales-" in text.out and "xff.csv" in text.out
 
 
 async def test_status_shows_counts_the_oldest_waiting_file_and_a_paused_model_with_its_reason(

@@ -193,8 +193,13 @@ async def test_a_file_name_that_is_not_utf8_does_not_stop_the_model_when_logging
     drop(inbox, bad, CSV)
     bad_logged: list[dict[str, Any]] = []
 
+    shown = "bad\\xff.csv"  # how the daemon names it (the ledger cannot store the raw bytes either)
+
+    def names_it(r: dict[str, Any]) -> bool:
+        return any(isinstance(v, str) and (bad in v or shown in v) for v in r.values())
+
     def bad_name_logged() -> bool:
-        bad_logged[:] = [r for r in d.records() if bad in json.dumps(r, ensure_ascii=False)]
+        bad_logged[:] = [r for r in d.records() if names_it(r)]
         return bool(bad_logged)
 
     await wait_for(bad_name_logged, 15, "a line naming the file")
@@ -208,5 +213,4 @@ async def test_a_file_name_that_is_not_utf8_does_not_stop_the_model_when_logging
     assert d.running, d.tail()
     parse_lines(d.text(), "stderr")
     in_file = parse_lines(log_file.read_text(encoding="utf-8"), "log file")
-    assert any(bad in json.dumps(r, ensure_ascii=False) for r in in_file), "the bad name is missing from the file"
-    assert "\\udcff" in log_file.read_text(encoding="utf-8")
+    assert any(names_it(r) for r in in_file), "the bad name is missing from the file"

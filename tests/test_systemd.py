@@ -129,6 +129,33 @@ async def test_notify_ready_watchdog_status_and_a_clean_sigterm(
     assert "STOPPING=1" in received(notify_socket, messages)
 
 
+async def test_status_follows_each_job_start_and_end_without_waiting_for_a_watchdog_ping(
+    tmp_path: Path, emulator: Emulator, notify_socket: socket.socket
+) -> None:
+    key = tmp_path / "alpha.key"
+    key.write_text("key-alpha-0001")
+    config = write_config(
+        tmp_path / "c.toml",
+        emulator.base_url,
+        [{"name": "alpha", "inbox": str(tmp_path / "in"), "api_key_file": str(key)}],
+    )
+    proc = await start(config, tmp_path, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))  # no WATCHDOG_USEC: no pings
+    messages: list[str] = []
+    try:
+        await wait_for(lambda: "READY=1" in received(notify_socket, messages), what="READY=1")
+        (tmp_path / "in" / "a.csv").write_text("id,x\n1,2\n")
+
+        def statuses() -> list[str]:
+            return [m for m in received(notify_socket, messages) if m.startswith("STATUS=")]
+
+        await wait_for(lambda: any("1 in flight" in m for m in statuses()), what="STATUS with the job in flight")
+        await wait_for(lambda: emulator.uploads and "0 in flight" in statuses()[-1], what="STATUS after the job ended")
+        assert "0 queued, 0 in flight, 0 open" in statuses()[-1]
+    finally:
+        code = await finish(proc)
+    assert code == 0
+
+
 async def test_sighup_adds_a_model_and_picks_up_a_fixed_key(tmp_path: Path, emulator: Emulator) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
@@ -303,5 +330,7 @@ async def test_a_start_up_failure_is_one_clear_line_and_exit_1(tmp_path: Path, e
         )
         _, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 1
-    assert b"retrain-uploader: cannot start: " in err
+    records = [json.loads(line) for line in err.decode().splitlines()]  # every line one JSON object
+    [failure] = [r for r in records if r["event"] == "service.cannot_start"]
+    assert failure["error"].startswith("cannot start: ") and failure["level"] == "error"
     assert b"Traceback" not in err

@@ -10,9 +10,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
+from .journal import stderr_is_journal
 from .ledger import Ledger, LedgerLocked, State
 from .logs import configure, escape_surrogates, run_main
 
@@ -78,10 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as e:
-        print(f"retrain-uploader: configuration error:\n{e}", file=sys.stderr)
+        _error("config.invalid", f"configuration error:\n{e}", error=str(e))
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def _error(event: str, text: str, **fields: Any) -> None:
+    """A command's error: a line for the person at the terminal, or, when stderr is the journal (a unit's
+    ExecReload= running check-config), a record at priority err that `journalctl -p err` shows."""
+    if stderr_is_journal(sys.stderr):
+        import structlog
+
+        structlog.get_logger("retrain_uploader.cli").error(event, **fields)
+    else:
+        print(f"retrain-uploader: {text}", file=sys.stderr)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -89,19 +102,28 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+
     from .service import Service
 
-    settings = _settings(args)
+    # Under systemd these go to the journal like every other record (PRIORITY=3): `journalctl -p err` shows why the
+    # service did not start.
+    log = structlog.get_logger("retrain_uploader.cli")
+    try:
+        settings = _settings(args)
+    except ConfigError as e:
+        log.error("config.invalid", error=str(e), action="not started; fix the file (`retrain-uploader check-config`)")
+        return EXIT_CONFIG
     configure(level=args.log_level or settings.logging.level, file=settings.logging.file)
     _warn_permissions(settings)
     try:
         return run_main(Service(settings).run())
     except LedgerLocked as e:
-        print(f"retrain-uploader: {e}", file=sys.stderr)
+        log.error("service.cannot_start", error=str(e))
         return EXIT_FAILURE
     except OSError as e:  # the ledger folder, an inbox or the metrics port: say which, without a traceback
         where = f" ({e.filename})" if e.filename else ""
-        print(f"retrain-uploader: cannot start: {e.strerror or e}{where}", file=sys.stderr)
+        log.error("service.cannot_start", error=f"cannot start: {e.strerror or e}{where}", path=e.filename)
         return EXIT_FAILURE
 
 
@@ -210,7 +232,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if not problems and args.online:
         problems += asyncio.run(check_keys_online(settings))
     for problem in problems:
-        print(f"retrain-uploader: {problem}", file=sys.stderr)
+        _error("config.invalid", problem, error=problem)
     if problems:
         return EXIT_CONFIG
     note = f" (warning: readable by others: {', '.join(loose)})" if loose else ""

@@ -1,5 +1,6 @@
-"""Logging set-up, called only by the CLI: structlog, one JSON object per line on stderr (console form on a tty),
-and optionally the same JSON lines in a file that logrotate may move away (it is reopened).
+"""Logging set-up, called only by the CLI: structlog, one JSON object per line on stderr (console form on a tty;
+native journal records with PRIORITY and fields when stderr is the journal, see journal.py), and optionally the same
+JSON lines in a file that logrotate may move away (it is reopened).
 
 Every line that reaches stderr or the file takes one path: our own events, stdlib ``logging`` records (aiohttp,
 asyncio), warnings, uncaught exceptions of the process, of threads and of asyncio tasks (with :func:`run_main`) are
@@ -28,6 +29,7 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
+from .journal import JournalSender, journal_fields, stderr_is_journal
 from .redact import scrub, structlog_processor
 
 __all__ = ["configure", "escape_surrogates", "run_main"]
@@ -73,21 +75,25 @@ class _ReopeningFile:
 
 
 class _Sink:
-    """Where every rendered line goes: scrubbed, surrogates escaped, to stderr and, if set, the file."""
+    """Where every rendered line goes: scrubbed, surrogates escaped, to stderr (or, when stderr is the journal, to the
+    journal with its fields) and, if set, the file."""
 
-    def __init__(self, stream: TextIO, file: _ReopeningFile | None) -> None:
+    def __init__(self, stream: TextIO, file: _ReopeningFile | None, journal: JournalSender | None = None) -> None:
         self._stream = stream
         self._file = file
+        self._journal = journal
 
     def write(self, line: str) -> None:
         line = escape_surrogates(scrub(line))
+        if self._file is not None:
+            self._file.write_line(line)
+        if self._journal is not None and self._journal.send(journal_fields(line)):
+            return
         try:
             print(line, file=self._stream, flush=True)
         except UnicodeEncodeError:  # a stream that cannot take the text as it is (an ASCII terminal)
             encoding = getattr(self._stream, "encoding", None) or "ascii"
             print(line.encode(encoding, "backslashreplace").decode(encoding), file=self._stream, flush=True)
-        if self._file is not None:
-            self._file.write_line(line)
 
 
 class _Logger:
@@ -149,8 +155,9 @@ def configure(
     the secret scrubber last. Stdlib records below WARNING are dropped unless ``level`` is debug.
     """
     stream = stream or sys.stderr
+    journal = JournalSender() if stderr_is_journal(stream) else None
     if json_lines is None:
-        json_lines = file is not None or not stream.isatty()
+        json_lines = journal is not None or file is not None or not stream.isatty()
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: Any = (
         structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines else structlog.dev.ConsoleRenderer()
@@ -163,7 +170,7 @@ def configure(
     ]
     # Exceptions are rendered to text before the scrubber, in both forms: a URL in an exception message is a secret.
     last: list[Any] = [structlog.processors.format_exc_info, structlog_processor, renderer]
-    sink = _Sink(stream, _ReopeningFile(file) if file is not None else None)
+    sink = _Sink(stream, _ReopeningFile(file) if file is not None else None, journal)
     structlog.configure(
         processors=shared + last,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -478,11 +478,13 @@ class Service:
                 return
             job_id = getter.result()
             self._busy += 1
+            self._notify_status()  # STATUS= follows every job start and end, not the next watchdog ping
             try:
                 await self._run_job(job_id)
             finally:
                 self._busy -= 1
                 self._queue.task_done()
+                self._notify_status()
 
     async def _run_job(self, job_id: int) -> None:
         job = self.ledger.get(job_id)
@@ -509,7 +511,6 @@ class Service:
             self._release(job, ctx)
             if outcome.state is State.UPLOADED:
                 self.tracker.poke(job_id)
-        self._notify_status()
 
     # -- reporting ----------------------------------------------------------------------------------------------------
     def _metrics_snapshot(self) -> tuple[dict[str, dict[str, int]], dict[str, bool]]:
