@@ -11,6 +11,8 @@ Sections (see bench/README.md for what each one means and the numbers measured):
   3. many small files with 50 ms API latency and 8 workers: drain time vs the ideal
   4. event-loop lag while a large pair is checked, zipped and uploaded (service in-process)
   5. drop-to-first-request latency for a small file with settle_s = 1
+  6. the bandwidth cap's accuracy: `[upload] max_bytes_per_s` over a ~30 s upload, one file and four in parallel,
+     measured on the server's side
 
 The emulator always runs in a process of its own (it hashes every PUT body), except in section 5, where it
 only answers one small request per file. Prints a table, PASS/FAIL per target, then one JSON line with every
@@ -674,6 +676,82 @@ async def section_first_request(args: argparse.Namespace, work: Path) -> dict[st
             "target_s": settle + 0.5}
 
 
+# -- section 6: the bandwidth cap's accuracy --------------------------------------------------------------------------
+def cap_files(args: argparse.Namespace, data: Path) -> tuple[int, list[Path], list[Path]]:
+    """The bytes of one cap_seconds upload at the cap; one file of that size, and four of a quarter each."""
+    size = int(args.cap_mb * 1e6 * args.cap_seconds)
+    return size, [data / "cap_one.csv"], [data / f"cap_four_{i}.csv" for i in range(4)]
+
+
+def spawn_daemon(cfg: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([*daemon_command(), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=log, stdin=subprocess.DEVNULL)
+
+
+async def cap_run(work: Path, files: list[Path], cap: int) -> dict[str, Any]:
+    """The daemon (a subprocess, 4 workers, `max_bytes_per_s = cap`) uploads ``files`` dropped at once; each PUT's
+    arrival and last byte are timed by the emulator, which runs in this process with a core of its own."""
+    from retrain_uploader.emulator import Emulator
+
+    shutil.rmtree(work, ignore_errors=True)
+    async with Emulator(keys={KEY: 1}, retrain_s=3600) as emu:
+        timed = TimedRequests()
+        emu.requests = timed
+        raw = settings_mapping(work, emu.base_url, watch={"settle_s": 0.1}, pool={"workers": 4},
+                               upload={"max_bytes_per_s": cap})
+        cfg = work / "config.toml"
+        cfg.write_text(to_toml(raw))
+        inbox = work / "inbox"
+        inbox.mkdir(parents=True)
+        log_path = work / "daemon.log"
+        proc = spawn_daemon(cfg, log_path)
+        try:
+            deadline = time.monotonic() + 60
+            while "service.started" not in log_path.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:]}")
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # the inbox watch exists a moment after service.started (see section 1)
+            hidden = [place(f, inbox, f.name) for f in files]
+            for h in hidden:
+                os.rename(h, inbox / h.name[1:].removesuffix(".incoming"))
+            deadline = time.monotonic() + 600
+            while len(emu.uploads) < len(files):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(emu.uploads)}/{len(files)} uploads: {log_path.read_text()[-2000:]}")
+                await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        arrivals = {r.job_id: timed.times[i] for i, r in enumerate(timed) if r.endpoint == "put"}
+        puts = [(arrivals[u.job_id], u.at, u.size) for u in emu.uploads]
+    first, last = min(p[0] for p in puts), max(p[1] for p in puts)
+    total = sum(p[2] for p in puts)
+    rate = total / (last - first)
+    return {"files": len(files), "bytes": total, "seconds": last - first, "rate_b_s": rate,
+            "rate_vs_cap": rate / cap, "each_b_s": [n / (e - s) for s, e, n in puts],
+            "overlap": max(p[0] for p in puts) < min(p[1] for p in puts)}
+
+
+async def section_cap(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
+    cap = int(args.cap_mb * 1e6)
+    _, one_file, four_files = cap_files(args, data)
+    import structlog  # the in-process emulator logs every request at info: keep the bench's output readable
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    try:
+        one = await cap_run(work / "one", one_file, cap)
+        four = await cap_run(work / "four", four_files, cap)
+    finally:
+        structlog.reset_defaults()
+    return {"cap_b_s": cap, "target_s": args.cap_seconds, "one": one, "four": four}
+
+
 # -- driver ---------------------------------------------------------------------------------------------------------
 def prepare_data(args: argparse.Namespace, data: Path) -> dict[str, float]:
     t0 = time.perf_counter()
@@ -686,6 +764,11 @@ def prepare_data(args: argparse.Namespace, data: Path) -> dict[str, float]:
         _data.write_csv(data / "train_src" / "pair.train.csv", size // 2, seed=2)
     if "2" in only or "4" in only:
         _data.write_csv(data / "eval_src" / "pair.eval.csv", size // 16, seed=3)
+    if "6" in only:
+        cap_size, one_file, four_files = cap_files(args, data)
+        _data.write_csv(one_file[0], cap_size, seed=4)
+        for i, path in enumerate(four_files):
+            _data.write_csv(path, cap_size // 4, seed=5 + i)
     return {"generate_s": time.perf_counter() - t0}
 
 
@@ -751,6 +834,14 @@ def print_table(res: dict[str, Any]) -> None:
     if "median_s" in s5:
         rows.append(("5 first request", "rename into inbox → first upload_url (settle_s 1)",
                      f"median {s5['median_s']:.3f} s, max {s5['max_s']:.3f} s", ""))
+    s6 = res.get("cap", {})
+    if "one" in s6:
+        cap = s6["cap_b_s"] / 1e6
+        for key, label in (("one", "one upload"), ("four", "four in parallel, together")):
+            r = s6[key]
+            rows.append(("6 bandwidth cap" if key == "one" else "",
+                         f"max_bytes_per_s = {cap:g} MB/s, {label}: {r['bytes'] / 1e6:.0f} MB",
+                         f"{r['seconds']:.2f} s = {r['rate_b_s'] / 1e6:.3f} MB/s = {r['rate_vs_cap']:.4f}x cap", ""))
     w = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
     head = ("section", "what", "result", "peak RSS")
     w = [max(w[i], len(head[i])) for i in range(4)]
@@ -781,6 +872,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     s5 = res.get("first_request", {})
     add("drop to first request (max)", s5.get("max_s"), "<= settle_s + 0.5 s = 1.5 s",
         s5["max_s"] <= s5["target_s"] if "max_s" in s5 else None)
+    s6 = res.get("cap", {})
+    for key, label in (("one", "one upload"), ("four", "four in parallel")):
+        r = s6.get(key)
+        add(f"cap accuracy, {label}", None if r is None else r["rate_vs_cap"], "within 1 ± 0.05 of the cap",
+            None if r is None else abs(r["rate_vs_cap"] - 1) <= 0.05)
     return out
 
 
@@ -792,7 +888,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the generated CSVs here and reuse them next time (default: a temporary folder)")
-    parser.add_argument("--only", default="12345", help="sections to run, e.g. --only 13")
+    parser.add_argument("--only", default="123456", help="sections to run, e.g. --only 13")
+    parser.add_argument("--cap-mb", type=float, default=4.0, help="section 6: the cap in MB/s (default 4)")
+    parser.add_argument("--cap-seconds", type=float, default=30.0, help="section 6: seconds per upload (default 30)")
     args = parser.parse_args()
     args.size_mb = args.size_mb or (200 if args.quick else 1024)
     args.small_files = args.small_files or (200 if args.quick else 1000)
@@ -817,6 +915,7 @@ def main() -> int:
             ("3", "small_files", lambda: asyncio.run(section_small_files(args, work / "small"))),
             ("4", "loop_lag", lambda: asyncio.run(section_lag(args, data, work / "lag"))),
             ("5", "first_request", lambda: asyncio.run(section_first_request(args, work / "first"))),
+            ("6", "cap", lambda: asyncio.run(section_cap(args, data, work / "cap"))),
         ]
         for key, name, fn in sections:
             if key not in args.only:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .bandwidth import CLOSED, Timetable, describe_rate
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, Settings
 from .ledger import Ledger, StaleJob, State
@@ -17,18 +18,20 @@ from .mover import rename_no_replace
 from .policy import is_credential_error
 from .watcher import OWN_FOLDERS, is_ignored, printable_name
 
-__all__ = ["PROBE_JOB_ID", "check_keys_online", "collect", "render", "retry_job", "switch_job"]
+__all__ = ["PROBE_JOB_ID", "check_keys_online", "collect", "render", "retry_job", "switch_job", "window_text"]
 
 # A job id that cannot exist: asking its status proves a key without creating a retrain job.
 PROBE_JOB_ID = "retrain-uploader-key-check-0"
 _WAITING = (State.QUEUED, State.PACKAGING, State.REQUESTING, State.UPLOADING)
 
 
-def collect(settings: Settings, ledger: Ledger | None) -> dict[str, Any]:
-    """Per model: inbox, files waiting, jobs per state, pause, last success and last error."""
+def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None = None) -> dict[str, Any]:
+    """Per model: inbox, files waiting, jobs per state, pause, last success and last error; the upload window."""
     counts = ledger.counts() if ledger else {}
     models_row = ledger.models() if ledger else {}
     out: dict[str, Any] = {"ledger": str(settings.ledger.path), "models": []}
+    if settings.upload.schedule or settings.upload.max_bytes_per_s is not None:
+        out["upload_window"] = _window(settings.upload.timetable(), now or datetime.now(UTC))
     for model in settings.models:
         row = models_row.get(model.name, {})
         waiting, oldest = _waiting_files(model.inbox)
@@ -68,6 +71,27 @@ def collect(settings: Settings, ledger: Ledger | None) -> dict[str, Any]:
     return out
 
 
+def _window(timetable: Timetable, now: datetime) -> dict[str, Any]:
+    rate = timetable.rate_at(now)
+    opens = timetable.opens_at(now)
+    return {
+        "open": rate != CLOSED,
+        "rate": describe_rate(rate),
+        "rate_bytes_per_s": rate,
+        "opens_at": opens.isoformat(timespec="minutes") if opens is not None else None,
+        "text": window_text(timetable, opens) if rate == CLOSED else f"upload rate now: {describe_rate(rate)}",
+    }
+
+
+def window_text(timetable: Timetable, opens_at: datetime | None) -> str:
+    """How a closed upload window is reported (``status`` and the daemon's systemd status line)."""
+    if opens_at is None:
+        return "waiting for the upload window, which no rule of [upload] schedule opens"
+    local = timetable.local(opens_at)
+    zone = timetable.timezone.key if timetable.timezone is not None else local.strftime("%Z")
+    return f"waiting for the upload window, opens at {local:%a %Y-%m-%d %H:%M} {zone}"
+
+
 def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
     # The daemon moves files out while we look: an entry gone between the listing and its stat was not waiting.
     oldest: tuple[float, str] | None = None
@@ -98,6 +122,8 @@ def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"ledger: {report['ledger']}"]
+    if "upload_window" in report:
+        lines.append(f"upload: {report['upload_window']['text']}")
     for m in report["models"]:
         jobs = ", ".join(f"{state} {n}" for state, n in sorted(m["jobs"].items())) or "no jobs"
         lines.append(f"\n{m['model']}  ({m['inbox']})")

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
+from .bandwidth import TokenBucket, WindowClosed
 from .redact import redact_url, scrub
 from .retry_after import parse_retry_after
 
@@ -30,6 +31,7 @@ __all__ = [
     "JobStatus",
     "SourceChanged",
     "TransportError",
+    "UploadCut",
     "UploadStalled",
     "UploadTicket",
 ]
@@ -103,6 +105,14 @@ class UploadStalled(TransportError):
         super().__init__("put", detail, body_complete=body_complete)
 
 
+class UploadCut(TransportError):
+    """The upload window closed (``on_close = "abort"``): the PUT was cut before its last byte, so nothing arrived."""
+
+    def __init__(self, *, sent: int, size: int) -> None:
+        self.sent = sent
+        super().__init__("put", f"the upload window closed; cut after {sent} of {size} bytes", body_complete=False)
+
+
 class SourceChanged(RuntimeError):
     """The file's bytes differ from the ones checked; the PUT was aborted before its last byte."""
 
@@ -138,8 +148,16 @@ class _FilePayload(aiohttp.payload.Payload):
     digest matches means a file that changed since it was checked never completes a PUT (and never costs a retraining).
     """
 
-    def __init__(self, path: Path, size: int, sha256: str, on_progress: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        sha256: str,
+        on_progress: Callable[[], object] | None = None,
+        throttle: TokenBucket | None = None,
+    ) -> None:
         super().__init__(path)
+        self._throttle = throttle
         self._path = path
         self._length = size
         self._size = size
@@ -198,9 +216,15 @@ class _FilePayload(aiohttp.payload.Payload):
 
     async def _send(self, writer: AbstractStreamWriter, data: bytes, *, last: bool) -> None:
         view = memoryview(data)
-        for start in range(0, len(view), _SLICE):
-            piece = view[start : start + _SLICE]
-            if last and start + _SLICE >= len(view):
+        start = 0
+        while start < len(view):
+            if self._throttle is None:
+                piece = view[start : start + _SLICE]
+            else:  # the shared cap: may wait, and raises WindowClosed to cut the body before its last byte
+                piece = view[start : start + self._throttle.piece(_SLICE)]
+                await self._throttle.take(len(piece))
+            start += len(piece)
+            if last and start >= len(view):
                 self.last_byte_handed_over = True
             await writer.write(piece)
             self.sent += len(piece)
@@ -284,8 +308,10 @@ class Client:
         connect_timeout_s: float = 10.0,
         request_timeout_s: float = 60.0,
         upload_read_timeout_s: float = 300.0,
+        throttle: TokenBucket | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self._throttle = throttle  # shared by every PUT body of this client; API calls are not throttled
         self._session = session
         self._owns_session = session is None
         self._api_timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
@@ -350,7 +376,7 @@ class Client:
         the kernel gave up, about 15 minutes.)
         """
         watchdog = _Watchdog(self._upload_idle_s)
-        payload = _FilePayload(path, size, sha256, watchdog.progress)
+        payload = _FilePayload(path, size, sha256, watchdog.progress, self._throttle)
         watchdog.payload = payload
         try:
             with watchdog:
@@ -380,9 +406,15 @@ class Client:
             ) from None
         except SourceChanged:
             raise
+        except WindowClosed:
+            raise UploadCut(sent=payload.sent, size=size) from None
         except aiohttp.ClientError as e:
             if isinstance(e.__cause__, SourceChanged):
                 raise e.__cause__ from None
+            if isinstance(e.__cause__, WindowClosed):
+                if payload.transport is not None:
+                    payload.transport.abort()  # nothing more of this body may leave
+                raise UploadCut(sent=payload.sent, size=size) from None
             raise TransportError("put", _transport_detail(e), body_complete=payload.last_byte_handed_over) from None
         except TimeoutError:
             detail = "timed out waiting for the storage server"

@@ -11,10 +11,22 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-__all__ = ["DEFAULT_CONFIG_PATH", "ConfigError", "ModelSettings", "Settings", "default_config_path"]
+from .bandwidth import CLOSED, Timetable, parse_rate, parse_rule
+
+__all__ = ["DEFAULT_CONFIG_PATH", "ConfigError", "ModelSettings", "Settings", "UploadSettings", "default_config_path"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/retrain-uploader/config.toml")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -104,6 +116,46 @@ class MetricsSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
 
 
+def _rule(text: str) -> str:
+    parse_rule(text)  # raises a ValueError that quotes the part at fault
+    return text
+
+
+def _byte_rate(value: object) -> object:
+    if isinstance(value, str):  # "2MB/s" reads better than 2000000
+        rate = parse_rate(value)
+        if rate == CLOSED:
+            msg = "closed is a schedule rule's rate, not a cap"
+            raise ValueError(msg)
+        return rate
+    return value
+
+
+class UploadSettings(_Section):
+    """Sharing the line: a cap on PUT bodies (all workers together) and a weekly timetable. API calls are free."""
+
+    max_bytes_per_s: Annotated[int | None, BeforeValidator(_byte_rate), Field(ge=1)] = None
+    # "[DAYS] [HH:MM-HH:MM] RATE", the first match wins; none matching: max_bytes_per_s.
+    schedule: tuple[Annotated[str, AfterValidator(_rule)], ...] = ()
+    timezone: str | None = None  # IANA name; None: the host's
+    on_close: Literal["finish", "abort"] = "finish"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                msg = f'"{value}" is not an IANA time zone (e.g. "Asia/Tokyo", "Europe/Paris", "UTC")'
+                raise ValueError(msg) from None
+        return value
+
+    def timetable(self) -> Timetable:
+        zone = ZoneInfo(self.timezone) if self.timezone is not None else None
+        return Timetable(tuple(parse_rule(rule) for rule in self.schedule), self.max_bytes_per_s, zone)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # Also write JSON lines to this file (reopened when logrotate moves it away). stderr always gets them.
@@ -174,6 +226,7 @@ class Settings(_Section):
     status: StatusSettings = StatusSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    upload: UploadSettings = UploadSettings()
     models: Annotated[tuple[ModelSettings, ...], Field(min_length=1)]
     source: Path | None = None
 
@@ -348,6 +401,8 @@ def _describe(error: ValidationError, raw: dict[str, Any], source: Path | None) 
                 parts.append(f"models[{index}]" + (f" ({name})" if name else ""))
             elif isinstance(part, int) and parts and parts[-1].startswith("models["):
                 continue
+            elif isinstance(part, int) and parts:
+                parts[-1] += f"[{part}]"  # upload.schedule[1]
             else:
                 parts.append(str(part))
         message = item["msg"].removeprefix("Value error, ")

@@ -18,7 +18,8 @@ from typing import Any
 import structlog
 
 from . import checks, packager
-from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadTicket
+from .bandwidth import UploadWindow
+from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadCut, UploadTicket
 from .closer import close_job, close_job_off_loop, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
@@ -30,7 +31,17 @@ from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .redact import scrub
 from .watcher import FAILED_DIR, printable_name
 
-__all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner", "context_for", "inbox_key"]
+__all__ = [
+    "Closed",
+    "ModelContext",
+    "Outcome",
+    "Parked",
+    "RetryLater",
+    "Runner",
+    "WaitForWindow",
+    "context_for",
+    "inbox_key",
+]
 
 log = structlog.get_logger("retrain_uploader.runner")
 
@@ -82,7 +93,12 @@ class Parked:
     reason: str
 
 
-Outcome = Closed | RetryLater | Parked
+@dataclass(frozen=True, slots=True)
+class WaitForWindow:
+    """The upload window is closed: run the job again when it opens."""
+
+
+Outcome = Closed | RetryLater | Parked | WaitForWindow
 
 _HINTS = {
     "input": (
@@ -123,6 +139,10 @@ class _WaitFor(Exception):
     """Another job is sending the same content right now."""
 
 
+class _WindowClosed(Exception):
+    """No new upload starts while the upload window is closed."""
+
+
 class _Failed(Exception):
     def __init__(self, reason: str, hint: str) -> None:
         super().__init__(reason)
@@ -142,8 +162,10 @@ class Runner:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        window: UploadWindow | None = None,
     ) -> None:
         self.settings = settings
+        self.window = window
         self.metrics = metrics or Metrics()
         self.ledger = ledger
         self.client = client
@@ -198,6 +220,8 @@ class Runner:
                 return RetryLater(e.delay_s)  # never failed by attempts: a failed job plus `retry` could pay twice
             except _Park as e:
                 return Parked(e.reason)
+            except _WindowClosed:
+                return WaitForWindow()
             except Exception as e:
                 outcome, job = self._on_error(job, e)
                 if outcome is not None:
@@ -309,6 +333,7 @@ class Runner:
         )
 
     async def _request(self, job: Job, model: ModelContext) -> Job:
+        self._check_window()  # before the URL: it would only age while the job waits
         ticket = await self.client.request_upload(model.api_key, job.upload_filename)
         self._tickets[job.id] = ticket
         previous = job.retrain_job_id
@@ -376,6 +401,7 @@ class Runner:
                 # A job created a moment ago may not be listed by the status check yet: ask again, as for a 5xx.
                 raise TransportError("status", f"the new remote job is not listed yet ({e.describe()})") from e
             job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
+        self._check_window()
         self._check_sources_unchanged(job, model)
         path = self._package_path(job, model)
         job = self.ledger.update(job.id, put_started=1)  # committed before the first byte leaves
@@ -383,6 +409,18 @@ class Runner:
         log.info("upload.started", **job.log_fields(), size_bytes=job.size_bytes, attempt=job.attempts + 1)
         try:
             await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
+        except UploadCut as e:
+            # Cut before its last byte: nothing arrived. A fresh URL (and remote job) once the window opens.
+            self._tickets.pop(job.id, None)
+            self.ledger.update(
+                job.id,
+                state=State.REQUESTING,
+                put_started=0,
+                event="window_closed",
+                detail={"sent": e.sent, "size_bytes": job.size_bytes},
+            )
+            log.info("upload.cut_window_closed", **job.log_fields(), sent=e.sent, size_bytes=job.size_bytes)
+            raise _WindowClosed from e
         except SourceChanged:
             self.ledger.update(job.id, put_started=0)  # we cut the body short: this PUT did not complete
             raise
@@ -628,6 +666,10 @@ class Runner:
             return  # packaged by a version before schema 3
         if source_identities(model.inbox, job.sources) != job.source_ids:
             raise SourceChanged(f"{', '.join(job.sources)} changed after being checked")
+
+    def _check_window(self) -> None:
+        if self.window is not None and not self.window.is_open:
+            raise _WindowClosed
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:
         return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]

@@ -13,6 +13,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import aiohttp
 import structlog
 
 from . import packager
-from .admin import PROBE_JOB_ID
+from .admin import PROBE_JOB_ID, window_text
+from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import Job, Ledger, State
@@ -28,7 +30,7 @@ from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
 from .redact import register_secret
-from .runner import Closed, ModelContext, Parked, RetryLater, Runner, context_for, inbox_key
+from .runner import Closed, ModelContext, Parked, RetryLater, Runner, WaitForWindow, context_for, inbox_key
 from .tracker import RetrainTracker
 from .watcher import Candidate, InboxWatcher, Reject
 
@@ -49,8 +51,13 @@ class Service:
         notifier: Notifier | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        now: Callable[[], datetime] | None = None,
+        window_recheck_s: float = 60.0,
     ) -> None:
         self.settings = settings
+        self._now = now or (lambda: datetime.now(UTC))  # the wall clock the upload timetable is read with
+        self._window_recheck_s = window_recheck_s
+        self._window_waiting: set[int] = set()  # jobs that wait for the upload window to open
         self._session = session
         self._handle_signals = handle_signals
         self._notifier = notifier or Notifier()
@@ -73,21 +80,38 @@ class Service:
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.ledger: Ledger
+        self.window: UploadWindow
         self.runner: Runner
         self.tracker: RetrainTracker
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     async def run(self) -> int:
         self.ledger = Ledger(self.settings.ledger.path, lock=True)
+        self.window = UploadWindow(
+            self.settings.upload.timetable(),
+            TokenBucket(),
+            abort_on_close=self.settings.upload.on_close == "abort",
+            now=self._now,
+            recheck_s=self._window_recheck_s,
+            on_open=self._window_opened,
+        )
+        self.window.refresh()
         client = Client(
             self.settings.api.base_url,
             session=self._session,
             connect_timeout_s=self.settings.api.connect_timeout_s,
             request_timeout_s=self.settings.api.request_timeout_s,
             upload_read_timeout_s=self.settings.api.upload_read_timeout_s,
+            throttle=self.window.bucket,
         )
         self.runner = Runner(
-            self.settings, self.ledger, client, monotonic=self._monotonic, rng=self._rng, metrics=self.metrics
+            self.settings,
+            self.ledger,
+            client,
+            monotonic=self._monotonic,
+            rng=self._rng,
+            metrics=self.metrics,
+            window=self.window,
         )
         self.tracker = RetrainTracker(
             self.settings, self.ledger, client, self.models, on_pause=self._pause, monotonic=self._monotonic
@@ -118,6 +142,7 @@ class Service:
             for name in list(self._watchers):
                 self._run_watcher(name)
             self._spawn(self._heartbeat(), "heartbeat")
+            self._spawn(self.window.run(self.stop_event), "upload-window")
             self._spawn(self.tracker.run(self.stop_event), "retrain-tracker")
             self.ready.set()
             self._notifier.send("READY=1", f"STATUS={self.summary()}")
@@ -184,6 +209,7 @@ class Service:
         active = {name for name, stop in self._watch_stops.items() if not stop.is_set()}
         new_names = {m.name for m in new.models}
         self.settings = self.runner.settings = self.tracker.settings = new
+        self.window.apply(new.upload.timetable(), abort_on_close=new.upload.on_close == "abort")
         for name in sorted(active - new_names):
             self._watch_stops[name].set()  # its queued and in-flight jobs still finish
             log.info("model.removed", model=name, open_jobs=self._open_jobs(self.models[name].inbox))
@@ -503,6 +529,13 @@ class Service:
         if isinstance(outcome, RetryLater):
             self._later(outcome.delay_s, lambda: self._enqueue(job_id))
             return
+        if isinstance(outcome, WaitForWindow):
+            if self.window.is_open:  # it opened while the job was being told to wait
+                self._enqueue(job_id)
+            else:
+                self._window_waiting.add(job_id)
+                self._notify_status()
+            return
         self._active.discard(job_id)
         if isinstance(outcome, Parked):
             ctx.parked.add(job_id)
@@ -512,6 +545,12 @@ class Service:
             if outcome.state is State.UPLOADED:
                 self.tracker.poke(job_id)
 
+    def _window_opened(self) -> None:
+        waiting, self._window_waiting = self._window_waiting, set()
+        for job_id in sorted(waiting):
+            self._enqueue(job_id)
+        self._notify_status()
+
     # -- reporting ----------------------------------------------------------------------------------------------------
     def _metrics_snapshot(self) -> tuple[dict[str, dict[str, int]], dict[str, bool]]:
         paused = {name: ctx.paused_reason is not None for name, ctx in self.models.items()}
@@ -520,7 +559,11 @@ class Service:
     def summary(self) -> str:
         paused = sorted(name for name, ctx in self.models.items() if ctx.paused_reason)
         text = f"{self._queue.qsize()} queued, {self._busy} in flight, {len(self._active)} open"
-        return text + (f"; paused: {', '.join(paused)}" if paused else "")
+        text += f"; paused: {', '.join(paused)}" if paused else ""
+        if self._window_waiting:
+            timetable = self.window.timetable
+            text += f"; {len(self._window_waiting)} {window_text(timetable, timetable.opens_at(self._now()))}"
+        return text
 
     def _notify_status(self) -> None:
         self._notifier.send(f"STATUS={self.summary()}")
