@@ -37,10 +37,22 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
         waiting, oldest = _waiting_files(model.inbox)
         last_failed = None
         unknown: list[dict[str, Any]] = []
+        uploading: list[dict[str, Any]] = []
         if ledger:
             failed = ledger.jobs(state=State.FAILED, model=model.name)
             if failed:
                 last_failed = {"id": failed[-1].id, "error": failed[-1].error, "at": failed[-1].updated_at}
+            uploading = [
+                {
+                    "id": j.id,
+                    "file": j.upload_filename,
+                    "bytes_sent": j.bytes_sent,
+                    "size_bytes": j.size_bytes,
+                    "percent": round(100.0 * (j.bytes_sent or 0) / j.size_bytes, 1) if j.size_bytes else None,
+                }
+                for j in ledger.jobs(state=State.UPLOADING, model=model.name)
+                if j.put_started and not j.outcome_unknown_since
+            ]
             unknown = [
                 {
                     "id": j.id,
@@ -66,6 +78,7 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
                 "last_error_at": row.get("last_error_at"),
                 "last_failed_job": last_failed,
                 "outcome_unknown": unknown,
+                "uploading": uploading,
             }
         )
     return out
@@ -135,6 +148,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  waiting: {waiting}")
         if m["paused"]:
             lines.append(f"  PAUSED since {m['paused_at']}: {m['paused_reason']}")
+        for j in m.get("uploading", []):
+            lines.append(f"  uploading: job {j['id']} {j['file']!r} {j['bytes_sent']} of {j['size_bytes']} bytes")
         for j in m.get("outcome_unknown", []):
             lines.append(
                 f"  UPLOAD OUTCOME UNKNOWN: job {j['id']} {j['file']!r} since {j['since']}"

@@ -32,6 +32,7 @@ __all__ = [
     "SourceChanged",
     "TransportError",
     "UploadCut",
+    "UploadMeter",
     "UploadStalled",
     "UploadTicket",
 ]
@@ -141,6 +142,13 @@ class JobStatus:
         )
 
 
+@dataclass(slots=True)
+class UploadMeter:
+    """Bytes of a PUT's body handed to the connection so far, for whoever reports its progress."""
+
+    sent: int = 0
+
+
 class _FilePayload(aiohttp.payload.Payload):
     """Streams ``size`` bytes of a file with a Content-Length, checking their sha256 before the last chunk goes out.
 
@@ -155,8 +163,10 @@ class _FilePayload(aiohttp.payload.Payload):
         sha256: str,
         on_progress: Callable[[], object] | None = None,
         throttle: TokenBucket | None = None,
+        meter: UploadMeter | None = None,
     ) -> None:
         super().__init__(path)
+        self._meter = meter
         self._throttle = throttle
         self._path = path
         self._length = size
@@ -228,6 +238,8 @@ class _FilePayload(aiohttp.payload.Payload):
                 self.last_byte_handed_over = True
             await writer.write(piece)
             self.sent += len(piece)
+            if self._meter is not None:
+                self._meter.sent = self.sent
             if self._on_progress is not None:
                 self._on_progress()
 
@@ -367,7 +379,9 @@ class Client:
         url = URL(f"{self._base}{_API}/{urllib.parse.quote(retrain_job_id, safe='')}/update_model", encoded=True)
         await self._api_call("switch", "PUT", url, api_key)
 
-    async def put_file(self, upload_url: str, path: Path, *, size: int, sha256: str) -> None:
+    async def put_file(
+        self, upload_url: str, path: Path, *, size: int, sha256: str, meter: UploadMeter | None = None
+    ) -> None:
         """Step 2: PUT the file to ``upload_url`` exactly as received, streamed, with a Content-Length.
 
         A progress watchdog bounds silence, not the upload: no body bytes taken by the socket and no answer bytes
@@ -376,7 +390,7 @@ class Client:
         the kernel gave up, about 15 minutes.)
         """
         watchdog = _Watchdog(self._upload_idle_s)
-        payload = _FilePayload(path, size, sha256, watchdog.progress, self._throttle)
+        payload = _FilePayload(path, size, sha256, watchdog.progress, self._throttle, meter)
         watchdog.payload = payload
         try:
             with watchdog:

@@ -160,6 +160,8 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # Also write JSON lines to this file (reopened when logrotate moves it away). stderr always gets them.
     file: Path | None = None
+    # During a PUT, `upload.progress` (and STATUS=, and the ledger's bytes_sent) this often.
+    progress_s: PositiveFloat = 30.0
 
 
 class ModelSettings(_Section):

@@ -99,6 +99,8 @@ class Job:
     # When the daemon last learned that a PUT of this job has an unknown outcome (its answer was lost), until the
     # status check settles it.
     outcome_unknown_since: str | None = None
+    # Bytes of the body sent by the PUT in flight (or the last one), as of its last progress report.
+    bytes_sent: int | None = None
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log line about this job carries, so `jq 'select(.job_id==7 or .file=="x.csv")'` finds
@@ -133,6 +135,7 @@ class Job:
             "result_path": self.result_path,
             "switched_at": self.switched_at,
             "outcome_unknown_since": self.outcome_unknown_since,
+            "bytes_sent": self.bytes_sent,
         }
 
 
@@ -208,6 +211,10 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN source_ids TEXT;
     ALTER TABLE jobs ADD COLUMN outcome_unknown_since TEXT;
     CREATE INDEX jobs_inbox_content ON jobs(inbox, content_sha256);
+    """,
+    # 4: the progress of the PUT in flight
+    """
+    ALTER TABLE jobs ADD COLUMN bytes_sent INTEGER;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -531,4 +538,5 @@ def _job(row: sqlite3.Row) -> Job:
         inbox=row["inbox"],
         source_ids=json.loads(row["source_ids"]) if row["source_ids"] else None,
         outcome_unknown_since=row["outcome_unknown_since"],
+        bytes_sent=row["bytes_sent"],
     )

@@ -19,7 +19,7 @@ import structlog
 
 from . import checks, packager
 from .bandwidth import UploadWindow
-from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadCut, UploadTicket
+from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadCut, UploadMeter, UploadTicket
 from .closer import close_job, close_job_off_loop, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
@@ -28,6 +28,7 @@ from .mover import apply_moves, plan_moves
 from .outcome import Arrived, Gone, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
 from .packager import source_identities
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
+from .progress import ProgressReporter
 from .redact import scrub
 from .watcher import FAILED_DIR, printable_name
 
@@ -172,6 +173,7 @@ class Runner:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
+        self.progress = ProgressReporter(ledger, lambda: self.settings.logging.progress_s, monotonic=monotonic)
         # Jobs whose PUT outcome is unknown: since when this process knows (monotonic), and how often it asked.
         self._unknown_since: dict[int, float] = {}
         self._settle_failures: dict[int, int] = {}
@@ -404,11 +406,14 @@ class Runner:
         self._check_window()
         self._check_sources_unchanged(job, model)
         path = self._package_path(job, model)
-        job = self.ledger.update(job.id, put_started=1)  # committed before the first byte leaves
+        job = self.ledger.update(job.id, put_started=1, bytes_sent=0)  # committed before the first byte leaves
         started = self._monotonic()
         log.info("upload.started", **job.log_fields(), size_bytes=job.size_bytes, attempt=job.attempts + 1)
+        meter = UploadMeter()
         try:
-            await self.client.put_file(ticket.upload_url, path, size=job.size_bytes or 0, sha256=job.sha256 or "")
+            async with self.progress.watching(job, meter):
+                size, sha256 = job.size_bytes or 0, job.sha256 or ""
+                await self.client.put_file(ticket.upload_url, path, size=size, sha256=sha256, meter=meter)
         except UploadCut as e:
             # Cut before its last byte: nothing arrived. A fresh URL (and remote job) once the window opens.
             self._tickets.pop(job.id, None)
@@ -516,6 +521,7 @@ class Runner:
             state=State.UPLOADED,
             uploaded_at=self.ledger.now(),
             put_started=0,
+            bytes_sent=job.size_bytes,
             outcome_unknown_since=None,
             error=None,
             event="uploaded",

@@ -113,6 +113,7 @@ class Service:
             metrics=self.metrics,
             window=self.window,
         )
+        self.runner.progress.on_change = self._notify_status
         self.tracker = RetrainTracker(
             self.settings, self.ledger, client, self.models, on_pause=self._pause, monotonic=self._monotonic
         )
@@ -563,7 +564,8 @@ class Service:
         if self._window_waiting:
             timetable = self.window.timetable
             text += f"; {len(self._window_waiting)} {window_text(timetable, timetable.opens_at(self._now()))}"
-        return text
+        uploading = self.runner.progress.status_text() if hasattr(self, "runner") else ""
+        return text + (f"; {uploading}" if uploading else "")
 
     def _notify_status(self) -> None:
         self._notifier.send(f"STATUS={self.summary()}")
