@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -28,6 +29,7 @@ from retrain_uploader.checks import (
     check_same_header,
     open_regular,
 )
+from retrain_uploader.encodings import likely_misread
 from retrain_uploader.zipcheck import check_zip
 
 SMALL_CHUNKS = [1, 7, 64, 1 << 20]
@@ -306,8 +308,18 @@ def reference(data: bytes) -> tuple[str, str, tuple[str, ...], int] | None:
         break
     else:
         return None
+    if encoding == "cp932" and likely_misread(data) is not None:
+        return None  # cp1252, Latin-1 or EUC-JP that happens to decode as cp932
     first = io.StringIO(text, newline="").readline()
     delimiter = "\t" if "\t" in first and "," not in first else ","
+    # The other delimiter wins when it alone gives the first 21 physical lines one width of 2 or more.
+    lines = "\n".join(re.split(r"\r\n|\r|\n", text.removesuffix("\r\n").removesuffix("\n").removesuffix("\r"))[:21])
+    other = "," if delimiter == "\t" else "\t"
+    widths = {len(r) for r in csv.reader(io.StringIO(lines), delimiter=other) if r}
+    mine = {len(r) for r in csv.reader(io.StringIO(lines), delimiter=delimiter) if r}
+    lines_n = lines.count("\n") + 1
+    if lines_n > 1 and len(widths) == 1 and min(widths) >= 2 and not (len(mine) == 1 and min(mine) >= 2):
+        delimiter = other
     try:
         rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
     except csv.Error:

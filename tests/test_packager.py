@@ -235,7 +235,7 @@ def test_clean_staging_with_a_relative_keep_path(staging: Path, monkeypatch: pyt
 def test_a_one_column_file_is_refused_with_a_hint_about_its_separator(tmp_path: Path) -> None:
     semicolons = tmp_path / "eu.csv"
     semicolons.write_text("a;b;c\n1;2;3\n")
-    with pytest.raises(InputError, match=r"only one column \(it looks separated by ';'\)"):
+    with pytest.raises(InputError, match=r'separated by semicolons \(";"\), as a European-locale Excel'):
         package_csv(semicolons)
     plain = tmp_path / "one.csv"
     plain.write_text("target\n1\n0\n")

@@ -26,7 +26,8 @@ __all__ = ["SAMPLE_BYTES", "likely_encoding", "likely_misread"]
 SAMPLE_BYTES = 256 << 10  # of lines holding non-ASCII bytes; enough for a verdict, cheap to score
 
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
-_TYPOGRAPHIC = set("’‘“”–—…€•™°£§©®«»½¼¾²³µ·¿¡¢¥¤¨¯´¸¹ºª¬±")
+# Marks common in Latin text. Rare ones (±, ¬, ¤...) are left out: they are cp932 half-width katakana (ｱ, ｬ, ､).
+_TYPOGRAPHIC = set("’‘“”–—…€•™°£§©®«»½²³·")
 _HW_PUNCT = set("｡｢｣､･")  # U+FF61-FF65: EUC-JP's lead bytes 0xA1-0xA5 read as cp932
 _DAKUTEN_OK = set("ｳｶｷｸｹｺｻｼｽｾｿﾀﾁﾂﾃﾄﾊﾋﾌﾍﾎ")
 _HANDAKUTEN_OK = set("ﾊﾋﾌﾍﾎ")
@@ -48,7 +49,8 @@ def likely_misread(sample: bytes) -> str | None:
         latin, name = sample.decode("latin-1"), "latin-1"
     scores[name] = _latin_score(latin)
     best = max(scores, key=lambda k: scores[k])
-    if best == "cp932" or scores[best] <= max(scores["cp932"], 0.0) * 1.2 or scores[best] < 1:
+    cp932 = scores["cp932"]
+    if best == "cp932" or scores[best] < 0.5 or scores[best] <= max(cp932 * 1.2, cp932 + 0.5):
         return None
     return best
 
@@ -107,8 +109,11 @@ def _cp932_score(text: str) -> float:
         run = m.group()
         before = text[m.start() - 1] if m.start() else ""
         after = text[m.end()] if m.end() < len(text) else ""
-        if len(run) == 1 and _kind(run) == "kanji" and _is_letter(before) and (_is_letter(after) or _letter_trail(run)):
+        if len(run) == 1 and _kind(run) == "kanji" and _is_letter(before) and _letter_trail(run):
             score -= 2  # "Cura軋o", "Don稚": a cp1252 letter or mark plus the next letter, read as one kanji
+            continue
+        if len(run) == 1 and _kind(run) == "halfwidth" and (_is_letter(before) or _is_letter(after)):
+            score -= 0.6  # "ﾖsterreich": one half-width kana glued to a Latin word is an accented capital
             continue
         for i, c in enumerate(run):
             kind = _kind(c)
@@ -168,7 +173,8 @@ def _latin_score(text: str) -> float:
             continue
         for c in run:
             if c in _TYPOGRAPHIC or (unicodedata.category(c).startswith("L") and "LATIN" in unicodedata.name(c, "")):
-                score += 1.0 if len(run) == 1 else 0.5
+                # An upper-case accented letter (À-ß) is also a lone half-width katakana (ﾀ-ﾟ): weaker evidence.
+                score += (1.0 if len(run) == 1 else 0.5) * (0.5 if "\xc0" <= c <= "\xdf" else 1.0)
             else:
                 score -= 1.0
     return score
