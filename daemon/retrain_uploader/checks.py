@@ -251,7 +251,7 @@ def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], objec
         if misread is not None:
             msg = (f"{name}: the text is not UTF-8, and read as Shift_JIS/cp932 it is garbled: it looks like "
                    f"{misread}; {RESAVE}")
-            raise InputError(msg)
+            raise InputError(msg) from utf8_error
         encoding = "cp932"
         done = replay
     try:
@@ -491,11 +491,11 @@ def _delimiter_name(delimiter: str) -> str:
 
 
 def check_csv(path: Path, *, name: str | None = None, sink: Callable[[bytes], object] | None = None,
-              chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES) -> CsvReport:
+              chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES, rules: Rules | None = None) -> CsvReport:
     """Open ``path`` with open_regular and run check_csv_stream on it (``name`` defaults to the file name)."""
     with open_regular(path) as raw:
         return check_csv_stream(raw, name=name or path.name, sink=sink, chunk_size=chunk_size,
-                                max_line_bytes=max_line_bytes)
+                                max_line_bytes=max_line_bytes, rules=rules)
 
 
 def check_same_header(train: CsvReport, eval_: CsvReport, *, train_name: str, eval_name: str) -> None:

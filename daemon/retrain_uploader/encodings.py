@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001, RUF002, RUF003  -- this module is about look-alike characters: they are the data
 """Is a file that decodes as Shift_JIS/cp932 really cp932, or a cp1252 / Latin-1 / EUC-JP file that happens to decode?
 
 cp932 accepts most byte strings, so "it decodes" proves little: "Curaçao" saved as cp1252 decodes as "Cura軋o", and

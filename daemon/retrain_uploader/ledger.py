@@ -21,7 +21,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AFTER_UPLOAD", "SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "StaleJob", "State"]
+__all__ = [
+    "AFTER_UPLOAD",
+    "SCHEMA_VERSION",
+    "Job",
+    "Ledger",
+    "LedgerLocked",
+    "StaleJob",
+    "State",
+    "reference_header",
+    "sent_before",
+]
 
 
 class State(StrEnum):
@@ -99,6 +109,7 @@ class Job:
     # When the daemon last learned that a PUT of this job has an unknown outcome (its answer was lost), until the
     # status check settles it.
     outcome_unknown_since: str | None = None
+    header: tuple[str, ...] | None = None  # the (training) header checked at packaging; schema 4
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log line about this job carries, so `jq 'select(.job_id==7 or .file=="x.csv")'` finds
@@ -208,6 +219,10 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN source_ids TEXT;
     ALTER TABLE jobs ADD COLUMN outcome_unknown_since TEXT;
     CREATE INDEX jobs_inbox_content ON jobs(inbox, content_sha256);
+    """,
+    # 4: the header each job was checked with: a model's reference header is that of its last finished retraining
+    """
+    ALTER TABLE jobs ADD COLUMN header TEXT;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -420,6 +435,10 @@ class Ledger:
             self._event(job_id, "state", {"state": State.REQUESTING})
         return None
 
+    def reference_header(self, model: str, inbox: str | None) -> tuple[int, tuple[str, ...]] | None:
+        """(job id, header) of the model's (or inbox's) latest job whose retraining finished, if any."""
+        return reference_header(self._db, model, inbox)
+
     def now(self) -> str:
         """The ledger's clock as an ISO timestamp (the form of every ``*_at`` column)."""
         return _now_iso(self._clock)
@@ -466,6 +485,23 @@ class Ledger:
         return out
 
 
+_REFERENCE = (
+    "SELECT id, header FROM jobs WHERE (model = ? OR inbox = ?) AND state IN (?, ?) AND header IS NOT NULL"
+    " ORDER BY id DESC LIMIT 1"
+)
+
+
+def reference_header(db: sqlite3.Connection, model: str, inbox: str | None) -> tuple[int, tuple[str, ...]] | None:
+    row = db.execute(_REFERENCE, (model, inbox, State.FINISHED, State.SWITCHED)).fetchone()
+    return None if row is None else (int(row[0]), tuple(json.loads(row[1])))
+
+
+def sent_before(db: sqlite3.Connection, model: str, inbox: str | None, content_sha256: str) -> tuple[int, str] | None:
+    """(job id, state) of the first job of this model or inbox that sent (or is sending) this content."""
+    row = db.execute(_DUPLICATE_OF, (model, inbox, content_sha256, -1, *_SENT_OR_SENDING)).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
 def _take_lock(path: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -493,6 +529,8 @@ def _event_detail(fields: dict[str, Any]) -> dict[str, Any]:
 def _column_value(key: str, value: Any) -> Any:
     if key == "moved_to":
         return json.dumps(list(value))
+    if key == "header":
+        return None if value is None else json.dumps(list(value), ensure_ascii=False)
     if key == "source_ids":
         return None if value is None else json.dumps(value)
     return value
@@ -529,4 +567,5 @@ def _job(row: sqlite3.Row) -> Job:
         inbox=row["inbox"],
         source_ids=json.loads(row["source_ids"]) if row["source_ids"] else None,
         outcome_unknown_since=row["outcome_unknown_since"],
+        header=tuple(json.loads(row["header"])) if row["header"] else None,
     )

@@ -8,12 +8,30 @@ is an empty string. :class:`Rules` is built once per file from the model's setti
 
 from __future__ import annotations
 
+import codecs
+import csv
+import dataclasses
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["FIRST_ROWS", "MAX_CLASSES", "RuleError", "Rules", "TargetStats", "compare_columns", "merge_classes"]
+if TYPE_CHECKING:
+    from .config import ModelSettings
+
+__all__ = [
+    "FIRST_ROWS",
+    "MAX_CLASSES",
+    "RuleError",
+    "Rules",
+    "TargetStats",
+    "compare_columns",
+    "merge_classes",
+    "model_rules",
+    "read_header_file",
+]
 
 FIRST_ROWS = 1000  # Prediction One decides the task from the target's first 1000 data rows
 MAX_CLASSES = 200
@@ -51,6 +69,10 @@ class Rules:
     reference: tuple[str, ...] | None = None  # header_file's first row, else the last finished upload's header
     reference_from: str = ""  # where the reference came from, for messages
     max_empty_target_ratio: float = 0.5
+    evaluation: bool = False  # the eval half of a pair: only the target's presence is a rule, its classes are kept
+
+    def for_eval(self) -> Rules:
+        return dataclasses.replace(self, reference=None, columns="any", evaluation=True)
 
     @property
     def active(self) -> bool:
@@ -92,7 +114,7 @@ class Rules:
     def verdict(self, stats: TargetStats) -> list[str]:
         """Raise RuleError if the target breaks the task's rule; return the warnings."""
         warnings: list[str] = []
-        if self.target is None:
+        if self.target is None or self.evaluation:
             return warnings
         t = repr(self.target)
         if stats.rows and stats.empty:
@@ -146,6 +168,42 @@ def compare_columns(header: Sequence[str], reference: Sequence[str], mode: Colum
                "remove them, or set columns = \"no_missing\"")
         raise RuleError(msg)
     return [f"new column(s) {_list(new)} not in the model's reference header{where}"] if new else []
+
+
+def model_rules(model: ModelSettings, last_finished: tuple[int, tuple[str, ...]] | None) -> Rules:
+    """The rules of ``model``; the reference header is ``header_file``'s first row, else ``last_finished``
+    ((job id, header) of the model's last upload whose retraining finished, from the ledger), else none."""
+    reference: tuple[str, ...] | None = None
+    source = ""
+    if model.header_file is not None:
+        reference, source = read_header_file(model.header_file), f"header_file {model.header_file}"
+    elif last_finished is not None:
+        reference, source = last_finished[1], f"the header of job {last_finished[0]}, the last finished retraining"
+    return Rules(target=model.target, task=model.task, columns=model.columns, reference=reference,
+                 reference_from=source, max_empty_target_ratio=model.max_empty_target_ratio)
+
+
+def read_header_file(path: Path) -> tuple[str, ...]:
+    """The first row of a CSV/TSV (UTF-8, BOM allowed, or cp932); raises ValueError naming the file."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        msg = f"header_file {path}: cannot read it: {e.strerror}"
+        raise ValueError(msg) from e
+    for encoding in ("utf-8", "cp932"):
+        try:
+            text = head.decode(encoding)
+            break
+        except UnicodeDecodeError as e:
+            text = head[: e.start].decode(encoding) if e.start > len(head) - 4 else ""
+    first = text.removeprefix(codecs.BOM_UTF8.decode()).splitlines()[0] if text.strip() else ""
+    delimiter = "\t" if "\t" in first and "," not in first else ","
+    row = next(csv.reader(io.StringIO(first), delimiter=delimiter), [])
+    if not any(c.strip() for c in row):
+        msg = f"header_file {path}: its first row holds no column names"
+        raise ValueError(msg)
+    return tuple(row)
 
 
 def merge_classes(train: TargetStats, eval_: TargetStats, target: str) -> list[str]:
