@@ -31,7 +31,17 @@ from .redact import scrub
 from .rules import Rules, model_rules
 from .watcher import FAILED_DIR, printable_name
 
-__all__ = ["Closed", "ModelContext", "Outcome", "Parked", "RetryLater", "Runner", "context_for", "inbox_key"]
+__all__ = [
+    "Closed",
+    "ModelContext",
+    "Outcome",
+    "Parked",
+    "RetryLater",
+    "Runner",
+    "build_package",
+    "context_for",
+    "inbox_key",
+]
 
 log = structlog.get_logger("retrain_uploader.runner")
 
@@ -297,7 +307,8 @@ class Runner:
         )
 
     def _build(self, job: Job, model: ModelContext, rules: Rules) -> packager.Package:
-        return build_package(job, model.inbox, self.settings, rules, cancel=self._cancel)
+        paths = [model.inbox / name for name in job.sources]
+        return build_package(job.kind, job.name, paths, self.settings, rules, job_id=job.id, cancel=self._cancel)
 
 
     async def _request(self, job: Job, model: ModelContext) -> Job:
@@ -619,18 +630,17 @@ class Runner:
 
 
 def build_package(
-    job: Job, inbox: Path, settings: Settings, rules: Rules, *, cancel: threading.Event | None = None,
-    staging_dir: Path | None = None,
+    kind: str, name: str, paths: list[Path], settings: Settings, rules: Rules, *, job_id: int,
+    cancel: threading.Event | None = None, staging_dir: Path | None = None,
 ) -> packager.Package:
     """Check and package a job's sources exactly as the daemon does (``staging_dir`` defaults to the configured one;
     ``run --dry-run`` and ``check`` pass a temporary folder)."""
-    paths = [inbox / name for name in job.sources]
     limits = settings.packaging
     staging = staging_dir or settings.staging_dir
-    if job.kind == "csv":
+    if kind == "csv":
         return packager.package_csv(paths[0], cancel=cancel, rules=rules)
     staging.mkdir(parents=True, exist_ok=True)
-    if job.kind == "zip":
+    if kind == "zip":
         return packager.package_zip(
             paths[0],
             max_ratio=limits.max_zip_ratio,
@@ -638,15 +648,15 @@ def build_package(
             cancel=cancel,
             rules=rules,
             staging_dir=staging,
-            job_id=job.id,
+            job_id=job_id,
             level=limits.zip_level,
         )
     return packager.package_pair(
-        job.name,
+        name,
         paths[0],
         paths[1],
         staging,
-        job_id=job.id,
+        job_id=job_id,
         level=limits.zip_level,
         cancel=cancel,
         rules=rules,
