@@ -511,3 +511,15 @@ def test_a_bare_cr_inside_a_crlf_row_is_judged_like_the_csv_module() -> None:
     # Found by hypothesis on a fresh clone: the byte-level fast path counted the stray CR as the row's terminator.
     data = b",1\r\n,\r1\n"
     assert outcome(data, 1 << 20) == reference(data) is None
+
+
+def test_a_tab_separated_file_with_a_comma_in_a_column_name_is_read_as_tsv(write: Callable[..., Path]) -> None:
+    data = b"State\tMurder (per 100,000)\tAssault\nAlabama\t13.2\t236\nAlaska\t10\t263\n"
+    report = check_csv(write(data))
+    assert (report.delimiter, report.header, report.rows) == ("\t", ("State", "Murder (per 100,000)", "Assault"), 2)
+
+
+def test_a_semicolon_export_with_decimal_commas_is_named(write: Callable[..., Path]) -> None:
+    data = b"name;price;weight\nA;1,5;2,25\nB;3,75;1,5\n"
+    with pytest.raises(InputError, match=r"separated by semicolons"):
+        check_csv(write(data))

@@ -70,7 +70,10 @@ def _read_only(path: Path | None) -> Iterator[sqlite3.Connection | None]:
         yield None
         return
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        # No -wal file: no daemon has it open, and immutable=1 reads it without creating -wal/-shm beside it.
+        # With one, the daemon's -shm is shared (mode=ro never writes the database).
+        idle = not path.with_name(path.name + "-wal").exists()
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{'&immutable=1' if idle else ''}", uri=True)
         db.execute("SELECT header FROM jobs LIMIT 0")  # schema 4 or later
     except sqlite3.Error:
         yield None
@@ -117,6 +120,11 @@ def _judge(
                 verdict.warnings.append(f"already sent as job {earlier[0]} ({earlier[1]}); the daemon would not "
                                         "upload it again")
     return verdict
+
+
+def _judge_reading(candidate: Candidate, settings: Settings, model: ModelSettings) -> Verdict:
+    with _read_only(settings.ledger.path) as db:  # a connection per thread: sqlite3 objects stay in theirs
+        return _judge(candidate, model.inbox, settings, model, db, candidate.upload_filename)
 
 
 _NO_RULES = ModelSettings(name="none", inbox=Path("/nonexistent/retrain-uploader-check"), api_key_env="UNUSED")
@@ -185,9 +193,7 @@ async def dry_run(settings: Settings, *, stop: asyncio.Event | None = None, hand
     async def on_candidate(model: ModelSettings, candidate: Candidate) -> None:
         for name in candidate.sources:
             judged[(model.name, name)] = identity(model.inbox, name)
-        with _read_only(settings.ledger.path) as db:
-            verdict = await asyncio.to_thread(_judge, candidate, model.inbox, settings, model, db,
-                                              candidate.upload_filename)
+        verdict = await asyncio.to_thread(_judge_reading, candidate, settings, model)
         if verdict.ok:
             log.info("dryrun.would_upload", model=model.name, file=verdict.upload_filename, kind=verdict.kind,
                      sources=list(candidate.sources), size_bytes=verdict.size_bytes, sha256=verdict.sha256,
