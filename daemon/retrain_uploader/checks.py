@@ -305,7 +305,11 @@ def _scan(tap: _Tap) -> _Shape:
         if n is None:
             return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - buf.count(b"\n"), delimiter)
         if tap.target_index is not None and n:
-            tap.feed(_column(region, delimiter, tap.target_index, tap.encoding))
+            if b'"' in region:
+                tap.feed(_column(region, delimiter, tap.target_index, tap.encoding))
+            else:
+                tap.rules.feed_raw(tap.stats, _column_pattern(delimiter, tap.target_index).findall(region),
+                                   tap.encoding)
         rows, buf = rows + n, buf[cut:]
     if rows == 0:
         raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header")
@@ -369,18 +373,16 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
 @functools.cache
 def _column_pattern(delimiter: str, index: int) -> re.Pattern[bytes]:
     d = re.escape(delimiter.encode())
-    other = rb"[^" + d + rb"\r\n]*"
-    return re.compile(rb"^(?:" + other + d + rb"){" + str(index).encode() + rb"}(" + other + rb")(?=[" + d
-                      + rb"\r\n])", re.MULTILINE)
+    other = rb"[^" + d + rb"\r\n]*+"
+    # One match per row, each starting where the last ended (rows are whole and checked): no scan for line starts.
+    return re.compile(rb"(?:" + other + d + rb"){" + str(index).encode() + rb"}(" + other + rb")[^\r\n]*+\r?\n")
 
 
 def _column(region: bytes, delimiter: str, index: int, encoding: str) -> list[str]:
-    """The ``index``-th value of every row of a region of whole rows (already checked by _fast_rows)."""
-    if b'"' in region:  # quoted values may hold delimiters and line breaks: let csv split them
-        text = io.StringIO(region.decode(encoding), newline="")
-        return [row[index] for row in csv.reader(text, delimiter=delimiter, strict=True) if row]
-    values = _column_pattern(delimiter, index).findall(region)
-    return b"\n".join(values).decode(encoding).split("\n")
+    """The ``index``-th value of every row of a quoted region of whole rows (already checked by _fast_rows)."""
+    # Quoted values may hold delimiters and line breaks: let csv split them. (Unquoted regions go to feed_raw.)
+    text = io.StringIO(region.decode(encoding), newline="")
+    return [row[index] for row in csv.reader(text, delimiter=delimiter, strict=True) if row]
 
 
 def _fast_header(row: bytes, encoding: str, delimiter: str) -> tuple[str, tuple[str, ...], bytes] | None:
