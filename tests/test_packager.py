@@ -67,7 +67,8 @@ def test_package_csv_is_the_source_itself(inbox: Path) -> None:
     path = inbox / "売上.csv"
     path.write_bytes(data)
     assert package_csv(path) == Package(path=path, upload_filename="売上.csv", size_bytes=len(data),
-                                        sha256=sha(data), content_sha256=sha(data), temporary=False)
+                                        sha256=sha(data), content_sha256=sha(data), temporary=False,
+                                        header=("c0", "c1", "c2"))
 
 
 def test_package_csv_refuses_bad_input(inbox: Path) -> None:
@@ -83,7 +84,8 @@ def test_package_zip_is_the_source_itself_and_passes_the_limits(inbox: Path) -> 
         zf.writestr("train_src/a.csv", table(50))
     data = path.read_bytes()
     assert package_zip(path) == Package(path=path, upload_filename="model.zip", size_bytes=len(data),
-                                        sha256=sha(data), content_sha256=sha(data), temporary=False)
+                                        sha256=sha(data), content_sha256=sha(data), temporary=False,
+                                        header=("c0", "c1", "c2"))
     with pytest.raises(InputError, match=r"zip bomb"):
         package_zip(path, max_ratio=1.0)
     with pytest.raises(InputError, match=r"more than the limit of 10"):
@@ -111,7 +113,7 @@ def test_pair_round_trip(pair: Callable[..., tuple[Path, Path]], staging: Path) 
     assert pkg == Package(path=staging / "42-sales.zip", upload_filename="sales.zip", size_bytes=len(zip_bytes),
                           sha256=sha(zip_bytes),
                           content_sha256=sha(f"pair\0{sha(train_data)}\0{sha(eval_data)}".encode()),
-                          temporary=True)
+                          temporary=True, header=("c0", "c1", "c2"))
     with zipfile.ZipFile(pkg.path) as zf:
         assert zf.namelist() == ["train_src/sales.train.csv", "eval_src/sales.eval.csv"]
         assert zf.testzip() is None
@@ -235,7 +237,7 @@ def test_clean_staging_with_a_relative_keep_path(staging: Path, monkeypatch: pyt
 def test_a_one_column_file_is_refused_with_a_hint_about_its_separator(tmp_path: Path) -> None:
     semicolons = tmp_path / "eu.csv"
     semicolons.write_text("a;b;c\n1;2;3\n")
-    with pytest.raises(InputError, match=r"only one column \(it looks separated by ';'\)"):
+    with pytest.raises(InputError, match=r'separated by semicolons \(";"\), as a European-locale Excel'):
         package_csv(semicolons)
     plain = tmp_path / "one.csv"
     plain.write_text("target\n1\n0\n")

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
+from .encodings import SAMPLE_BYTES, likely_encoding, likely_misread
+from .rules import RuleError, Rules, TargetStats
+
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
@@ -48,6 +51,8 @@ class CsvReport:
     columns: int
     header: tuple[str, ...]
     rows: int  # data rows, header and trailing empty lines not counted
+    warnings: tuple[str, ...] = ()  # from the model's rules: the file passes, but someone should know
+    target: TargetStats | None = None  # what the target column held, when the model names one
 
 
 def open_regular(path: Path) -> BinaryIO:
@@ -86,6 +91,9 @@ def _kind(mode: int) -> str:
     return kinds.get(stat.S_IFMT(mode), "a device or special file")
 
 
+_NON_ASCII_LINE = re.compile(rb"[^\n]*[\x80-\xff][^\n]*\n")
+
+
 class _Undecodable(Exception):
     def __init__(self, offset: int, line: int) -> None:
         super().__init__(offset, line)
@@ -104,6 +112,23 @@ class _Tap(io.RawIOBase):
         self.size = self.lines = self._run = 0
         self.head = b""  # the first bytes, to tell a BOM
         self._pushback = b""
+        # Lines holding non-ASCII bytes, to judge whether a file that decodes as cp932 really is cp932.
+        self.sample: bytearray | None = bytearray() if encoding == "cp932" else None
+        self._carry = b""
+        self.rules = Rules()
+        self.target_index: int | None = None
+        self.stats = TargetStats()
+
+    def begin(self, header: tuple[str, ...]) -> None:
+        """The header is known: find the model's target column (raises InputError if it is missing)."""
+        try:
+            self.target_index = self.rules.start(header)
+        except RuleError as e:
+            raise InputError(f"{self.name}: {e}") from None
+        self.stats = TargetStats()
+
+    def feed(self, values: list[str]) -> None:
+        self.rules.feed(self.stats, values)
 
     def readable(self) -> bool:
         return True
@@ -134,6 +159,8 @@ class _Tap(io.RawIOBase):
             if self._sink is not None and data:
                 self._sink(data)
         start, lines = self.size, self.lines
+        if self.sample is not None and len(self.sample) < SAMPLE_BYTES:
+            self._collect(data)
         self.size += len(data)
         self.lines += data.count(b"\n")
         if len(self.head) < len(codecs.BOM_UTF8):
@@ -148,6 +175,14 @@ class _Tap(io.RawIOBase):
                 at = e.start - pending  # e.start counts from the bytes held back from the previous chunk
                 raise _Undecodable(start + at, lines + data.count(b"\n", 0, max(at, 0)) + 1) from e
         return data
+
+    def _collect(self, data: bytes) -> None:
+        assert self.sample is not None
+        pending = self._carry + data
+        cut = len(pending) if not data else pending.rfind(b"\n") + 1
+        whole, self._carry = pending[:cut], pending[cut:][-65536:]
+        if not whole.isascii():
+            self.sample += b"".join(_NON_ASCII_LINE.findall(whole + (b"" if data else b"\n")))
 
     def _screen(self, data: bytes) -> None:
         nul = data.find(b"\0")
@@ -166,14 +201,17 @@ class _Tap(io.RawIOBase):
 
 
 def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], object] | None = None,
-                     chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES) -> CsvReport:
+                     chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES,
+                     rules: Rules | None = None) -> CsvReport:
     """Check the CSV read from ``raw`` (from its current position to EOF) and hash it in the same pass.
 
     Checks: not empty, no NUL bytes, no line longer than about ``max_line_bytes``, UTF-8 (BOM allowed) or
-    else Shift_JIS/cp932, a header row, at least one data row, as many columns on every row as in the
-    header (empty lines are allowed only after the last data row), well-formed quoting (csv strict mode).
-    The delimiter is a tab when the first line has tabs and no commas, else a comma. Raises InputError
-    naming ``name`` and the row (rows counted like a spreadsheet: the header is row 1).
+    else Shift_JIS/cp932 (unless the cp932 reading looks like a cp1252, Latin-1 or EUC-JP file read wrongly), a
+    header row, at least one data row, as many columns on every row as in the header (empty lines are allowed
+    only after the last data row), well-formed quoting (csv strict mode). The delimiter is the one of comma and
+    tab that makes the header and the first rows agree (a ";"-separated export is refused, naming it). With
+    ``rules``, the model's target/task/columns rules run in the same pass (warnings land in the report).
+    Raises InputError naming ``name`` and the row (rows counted like a spreadsheet: the header is row 1).
 
     ``sink`` receives every raw chunk exactly once, in order, during the first pass. A file that is not
     UTF-8 is still read to its end in that pass (hash and sink stay complete); then ``raw`` is seeked back
@@ -182,11 +220,14 @@ def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], objec
     """
     start = raw.tell() if raw.seekable() else None
     hasher = hashlib.sha256()
+    rules = rules or Rules()
     tap = _Tap(raw, name=name, encoding="utf-8", chunk_size=chunk_size, max_line=max_line_bytes,
                update=hasher.update, sink=sink)
+    tap.rules = rules
     try:
         delimiter, header, rows = _scan(tap)
         encoding = "utf-8-sig" if tap.head == codecs.BOM_UTF8 else "utf-8"
+        done = tap
     except _Undecodable as utf8_error:
         tap.drain()
         if start is None:
@@ -195,15 +236,34 @@ def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], objec
         raw.seek(start)
         replay = _Tap(raw, name=name, encoding="cp932", chunk_size=chunk_size, max_line=max_line_bytes,
                       update=None, sink=None)
+        replay.rules = rules
         try:
             delimiter, header, rows = _scan(replay)
         except _Undecodable as cp932_error:
+            assert replay.sample is not None
+            guess = likely_encoding(bytes(replay.sample))
+            named = f"; it looks like {guess}" if guess else ""
             msg = (f"{name}: the text is neither UTF-8 (invalid at {utf8_error.where}) nor Shift_JIS/cp932 "
-                   f"(invalid at {cp932_error.where}); save it as \"CSV UTF-8\" and drop it again")
+                   f"(invalid at {cp932_error.where}){named}; {RESAVE}")
             raise InputError(msg) from cp932_error
+        assert replay.sample is not None
+        misread = likely_misread(bytes(replay.sample))
+        if misread is not None:
+            msg = (f"{name}: the text is not UTF-8, and read as Shift_JIS/cp932 it is garbled: it looks like "
+                   f"{misread}; {RESAVE}")
+            raise InputError(msg) from utf8_error
         encoding = "cp932"
+        done = replay
+    try:
+        warnings = rules.compare_header(header) + rules.verdict(done.stats)
+    except RuleError as e:
+        raise InputError(f"{name}: {e}") from None
     return CsvReport(size_bytes=tap.size, sha256=hasher.hexdigest(), encoding=encoding,
-                     delimiter=delimiter, columns=len(header), header=header, rows=rows)
+                     delimiter=delimiter, columns=len(header), header=header, rows=rows, warnings=tuple(warnings),
+                     target=done.stats if rules.target is not None else None)
+
+
+RESAVE = ("open it in Excel (or a text editor) and save it as \"CSV UTF-8 (comma delimited)\", then drop it again")
 
 
 _Shape = tuple[str, tuple[str, ...], int]
@@ -221,10 +281,16 @@ def _scan(tap: _Tap) -> _Shape:
     while not (end := _first_row_end(buf)) and len(buf) <= tap.max_line and (more := tap.take()):
         buf += more
     bom = len(codecs.BOM_UTF8) if tap.encoding == "utf-8" and buf.startswith(codecs.BOM_UTF8) else 0
-    known = _fast_header(buf[bom:end], tap.encoding) if end else None
+    lines, eof = buf.count(b"\n"), False
+    while lines < _SNIFF_LINES and len(buf) < _SNIFF_BYTES and not eof:  # the first rows too, whatever chunk_size
+        more = tap.take()
+        buf, lines, eof = buf + more, lines + more.count(b"\n"), not more
+    delimiter = _sniff(buf[bom:], tap, complete=eof)
+    known = _fast_header(buf[bom:end], tap.encoding, delimiter) if end else None
     if known is None:
-        return _slow(tap, buf, None, 2, 0)
+        return _slow(tap, buf, None, 2, 0, delimiter)
     delimiter, header, term = known
+    tap.begin(header)
     pattern = delimiter.encode() * (len(header) - 1) + term
     rows, buf, eof = 0, buf[end:], False
     while not eof:
@@ -237,7 +303,13 @@ def _scan(tap: _Tap) -> _Shape:
         region = buf[:cut] + (term if eof and buf and not buf.endswith(b"\n") else b"")
         n = _fast_rows(region, pattern) if cut else None
         if n is None:
-            return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - buf.count(b"\n"))
+            return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - buf.count(b"\n"), delimiter)
+        if tap.target_index is not None and n:
+            if b'"' in region:
+                tap.feed(_column(region, delimiter, tap.target_index, tap.encoding))
+            else:
+                tap.rules.feed_raw(tap.stats, _column_pattern(delimiter, tap.target_index).findall(region),
+                                   tap.encoding)
         rows, buf = rows + n, buf[cut:]
     if rows == 0:
         raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header")
@@ -267,9 +339,53 @@ def _last_row_end(buf: bytes) -> int:
     return i + 1
 
 
-def _fast_header(row: bytes, encoding: str) -> tuple[str, tuple[str, ...], bytes] | None:
-    first_line = row.split(b"\n", 1)[0].split(b"\r", 1)[0]  # a physical line ends at CR or LF, as in csv
-    delimiter = "\t" if b"\t" in first_line and b"," not in first_line else ","
+_SNIFF_LINES, _SNIFF_BYTES = 21, 1 << 16
+
+
+def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
+    """Comma or tab: the one that gives the header and the first rows one width of at least 2 columns.
+
+    A tab-separated file may have a comma in a column name ("Murder (per 100,000)"): the first line alone would
+    say comma. When neither agrees the old rule stands (tab if the first line has tabs and no commas), so the
+    shape check reports the ragged row. A file only ";" makes consistent is a European-locale export: refused.
+    """
+    window = buf[:_SNIFF_BYTES]
+    lines = window.splitlines()
+    if not (complete and len(window) == len(buf)) and not window.endswith((b"\n", b"\r")):
+        lines = lines[:-1]  # the last one is cut by the window
+    lines = lines[:_SNIFF_LINES]
+    first = lines[0] if lines else b""
+    default = "\t" if b"\t" in first and b"," not in first else ","
+    text = b"\n".join(lines).decode(tap.encoding, errors="replace").removeprefix("\ufeff")
+    consistent = []
+    for candidate in (default, "\t" if default == "," else ",", ";"):
+        widths = {len(r) for r in csv.reader(io.StringIO(text), delimiter=candidate) if r}
+        if len(widths) == 1 and widths.pop() >= 2 and len(lines) > 1:
+            consistent.append(candidate)
+    if consistent == [";"]:
+        msg = (f"{tap.name}: the values are separated by semicolons (\";\"), as a European-locale Excel saves "
+               "\"CSV\" (decimal commas); Prediction One reads comma- or tab-separated files: save it as "
+               "\"CSV UTF-8 (comma delimited)\" or as tab-separated text and drop it again")
+        raise InputError(msg)
+    return consistent[0] if consistent else default
+
+
+@functools.cache
+def _column_pattern(delimiter: str, index: int) -> re.Pattern[bytes]:
+    d = re.escape(delimiter.encode())
+    other = rb"[^" + d + rb"\r\n]*+"
+    # One match per row, each starting where the last ended (rows are whole and checked): no scan for line starts.
+    return re.compile(rb"(?:" + other + d + rb"){" + str(index).encode() + rb"}(" + other + rb")[^\r\n]*+\r?\n")
+
+
+def _column(region: bytes, delimiter: str, index: int, encoding: str) -> list[str]:
+    """The ``index``-th value of every row of a quoted region of whole rows (already checked by _fast_rows)."""
+    # Quoted values may hold delimiters and line breaks: let csv split them. (Unquoted regions go to feed_raw.)
+    text = io.StringIO(region.decode(encoding), newline="")
+    return [row[index] for row in csv.reader(text, delimiter=delimiter, strict=True) if row]
+
+
+def _fast_header(row: bytes, encoding: str, delimiter: str) -> tuple[str, tuple[str, ...], bytes] | None:
     try:
         cells = list(csv.reader(io.StringIO(row.decode(encoding), newline=""), delimiter=delimiter, strict=True))
     except csv.Error:
@@ -308,7 +424,8 @@ def _fast_rows(region: bytes, pattern: bytes) -> int | None:
     return n if len(skeleton) == n * len(pattern) and skeleton.count(pattern) == n else None
 
 
-def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None, row0: int, line0: int) -> _Shape:
+def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None, row0: int, line0: int,
+          delimiter: str) -> _Shape:
     """Parse with the csv module from a row boundary to EOF; exact error messages come from here."""
     tap.unread(pushback)
     encoding = "utf-8-sig" if tap.encoding == "utf-8" and known is None else tap.encoding
@@ -318,7 +435,6 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
         if not first:
             what = "the file is empty" if tap.size == 0 else "there is no header row"
             raise InputError(f"{tap.name}: {what}; drop a CSV with a header row and at least one data row")
-        delimiter = "\t" if "\t" in first and "," not in first else ","
         reader = csv.reader(itertools.chain((first,), text), delimiter=delimiter, strict=True)
     else:
         delimiter, header = known
@@ -331,6 +447,8 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
                 msg = f"{tap.name}: row 1 is empty; the first row must be the header (the column names)"
                 raise InputError(msg)
             n = row0 - 1
+            tap.begin(header)
+        index, batch = tap.target_index, []
         for n, row in enumerate(reader, row0):
             if len(row) != len(header):
                 if row:
@@ -338,8 +456,15 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
                 _only_blank_lines_left(reader, tap.name, n)
                 rows = n - 2
                 break
+            if index is not None:
+                batch.append(row[index])
+                if len(batch) >= 4096:
+                    tap.feed(batch)
+                    batch = []
         else:
             rows = n - 1
+        if batch:
+            tap.feed(batch)
     except csv.Error as e:
         msg = (f"{tap.name}: row {n + 1}: {e}; a value holding {_delimiter_name(delimiter)}s, quotes or line "
                "breaks must be in double quotes, with each inner quote doubled (\"\")")
@@ -368,11 +493,11 @@ def _delimiter_name(delimiter: str) -> str:
 
 
 def check_csv(path: Path, *, name: str | None = None, sink: Callable[[bytes], object] | None = None,
-              chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES) -> CsvReport:
+              chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES, rules: Rules | None = None) -> CsvReport:
     """Open ``path`` with open_regular and run check_csv_stream on it (``name`` defaults to the file name)."""
     with open_regular(path) as raw:
         return check_csv_stream(raw, name=name or path.name, sink=sink, chunk_size=chunk_size,
-                                max_line_bytes=max_line_bytes)
+                                max_line_bytes=max_line_bytes, rules=rules)
 
 
 def check_same_header(train: CsvReport, eval_: CsvReport, *, train_name: str, eval_name: str) -> None:

@@ -41,7 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="watch and check as in production, log dryrun.would_upload or the refusal; no API call, nothing moved,"
+        " the ledger untouched",
+    )
+    pre = sub.add_parser("check", parents=[common], help="check files or pairs as the daemon would, before dropping")
+    pre.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    pre.add_argument("--model", help="the model whose rules apply (default: the model whose inbox holds the file)")
+    pre.add_argument("--json", action="store_true", help="one JSON object per input")
     jobs = sub.add_parser("jobs", parents=[common], help="list jobs from the ledger")
     jobs.add_argument("--state", choices=[s.value for s in State])
     jobs.add_argument("--model")
@@ -114,6 +124,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         log.error("config.invalid", error=str(e), action="not started; fix the file (`retrain-uploader check-config`)")
         return EXIT_CONFIG
+    if args.dry_run:
+        from .preflight import dry_run
+
+        configure(level=args.log_level or settings.logging.level)  # stderr only: dry-run writes no file
+        return run_main(dry_run(settings))
     configure(level=args.log_level or settings.logging.level, file=settings.logging.file)
     _warn_permissions(settings)
     try:
@@ -243,6 +258,28 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 if every input passes, 1 if one is refused, 2 for a usage or config error."""
+    from .preflight import check_paths
+
+    path = args.config or default_config_path()
+    settings = Settings.from_toml(path) if args.config is not None or path.exists() else None
+    if args.model is not None and (settings is None or args.model not in {m.name for m in settings.models}):
+        print(f"retrain-uploader: check: no model {args.model!r} in {path}", file=sys.stderr)
+        return EXIT_CONFIG
+    verdicts = check_paths(args.paths, settings, args.model)
+    for v in verdicts:
+        if args.json:
+            print(json.dumps(v.as_dict(), ensure_ascii=False))
+            continue
+        print(f"{'OK     ' if v.ok else 'REFUSED'} {v.path}" + (f" -> {v.upload_filename}" if v.ok else ""))
+        if v.reason:
+            print(f"        {v.reason}")
+        for warning in v.warnings:
+            print(f"        warning: {warning}")
+    return EXIT_OK if all(v.ok for v in verdicts) else EXIT_FAILURE
+
+
 def _cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator import run_forever
 
@@ -267,6 +304,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "retry": _cmd_retry,
     "switch": _cmd_switch,
     "check-config": _cmd_check_config,
+    "check": _cmd_check,
     "emulator": _cmd_emulator,
     "demo": _cmd_demo,
 }

@@ -172,6 +172,19 @@ class ModelSettings(_Section):
     api_key_file: Path | None = None
     api_key_env: str | None = None
     api_key_credential: str | None = None
+    # The model's own rules for its data (all optional; see README "Model rules").
+    target: str | None = None
+    task: Literal["binary", "multiclass", "regression"] | None = None
+    columns: Literal["no_missing", "same", "any"] = "no_missing"
+    header_file: Path | None = None
+    max_empty_target_ratio: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _task_needs_target(self) -> Self:
+        if self.task is not None and self.target is None:
+            msg = "task needs target (the column to predict)"
+            raise ValueError(msg)
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Self:
@@ -377,7 +390,7 @@ def _absolutize(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         for m in out["models"]:
             if isinstance(m, dict):
                 m = dict(m)
-                for key in ("inbox", "api_key_file"):
+                for key in ("inbox", "api_key_file", "header_file"):
                     if key in m:
                         m[key] = fix(m[key])
             models.append(m)

@@ -21,7 +21,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AFTER_UPLOAD", "SCHEMA_VERSION", "Job", "Ledger", "LedgerLocked", "StaleJob", "State"]
+__all__ = [
+    "AFTER_UPLOAD",
+    "SCHEMA_VERSION",
+    "Job",
+    "Ledger",
+    "LedgerLocked",
+    "StaleJob",
+    "State",
+    "reference_header",
+    "sent_before",
+]
 
 
 class State(StrEnum):
@@ -101,6 +111,7 @@ class Job:
     outcome_unknown_since: str | None = None
     # Bytes of the body sent by the PUT in flight (or the last one), as of its last progress report.
     bytes_sent: int | None = None
+    header: tuple[str, ...] | None = None  # the (training) header checked at packaging; schema 5
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log line about this job carries, so `jq 'select(.job_id==7 or .file=="x.csv")'` finds
@@ -215,6 +226,10 @@ _MIGRATIONS: tuple[str, ...] = (
     # 4: the progress of the PUT in flight
     """
     ALTER TABLE jobs ADD COLUMN bytes_sent INTEGER;
+    """,
+    # 5: the header each job was checked with: a model's reference header is that of its last finished retraining
+    """
+    ALTER TABLE jobs ADD COLUMN header TEXT;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -429,6 +444,10 @@ class Ledger:
             self._event(job_id, "state", {"state": State.REQUESTING})
         return None
 
+    def reference_header(self, model: str, inbox: str | None) -> tuple[int, tuple[str, ...]] | None:
+        """(job id, header) of the model's (or inbox's) latest job whose retraining finished, if any."""
+        return reference_header(self._db, model, inbox)
+
     def now(self) -> str:
         """The ledger's clock as an ISO timestamp (the form of every ``*_at`` column)."""
         return _now_iso(self._clock)
@@ -475,6 +494,24 @@ class Ledger:
         return out
 
 
+_REFERENCE = (
+    "SELECT id, header FROM jobs WHERE (inbox = ? OR (inbox IS NULL AND model = ?)) AND state IN (?, ?)"
+    " AND header IS NOT NULL"
+    " ORDER BY id DESC LIMIT 1"
+)
+
+
+def reference_header(db: sqlite3.Connection, model: str, inbox: str | None) -> tuple[int, tuple[str, ...]] | None:
+    row = db.execute(_REFERENCE, (inbox, model, State.FINISHED, State.SWITCHED)).fetchone()
+    return None if row is None else (int(row[0]), tuple(json.loads(row[1])))
+
+
+def sent_before(db: sqlite3.Connection, model: str, inbox: str | None, content_sha256: str) -> tuple[int, str] | None:
+    """(job id, state) of the first job of this inbox (or, before schema 3, model) that sent or sends this content."""
+    row = db.execute(_DUPLICATE_OF, (inbox, model, content_sha256, -1, *_SENT_OR_SENDING)).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
 def _take_lock(path: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -502,6 +539,8 @@ def _event_detail(fields: dict[str, Any]) -> dict[str, Any]:
 def _column_value(key: str, value: Any) -> Any:
     if key == "moved_to":
         return json.dumps(list(value))
+    if key == "header":
+        return None if value is None else json.dumps(list(value), ensure_ascii=False)
     if key == "source_ids":
         return None if value is None else json.dumps(value)
     return value
@@ -539,4 +578,5 @@ def _job(row: sqlite3.Row) -> Job:
         source_ids=json.loads(row["source_ids"]) if row["source_ids"] else None,
         outcome_unknown_since=row["outcome_unknown_since"],
         bytes_sent=row["bytes_sent"],
+        header=tuple(json.loads(row["header"])) if row["header"] else None,
     )

@@ -12,12 +12,14 @@ import os
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, BinaryIO
 
 from .checks import CsvReport, InputError, check_csv, check_csv_stream, check_same_header, open_regular
-from .zipcheck import check_zip
+from .rules import Rules, merge_classes
+from .zipcheck import check_zip, member_name
 
 __all__ = [
     "Cancelled",
@@ -45,6 +47,9 @@ class Package:
     sha256: str  # of the exact bytes at `path`
     content_sha256: str  # dedup key: sha256 for csv/zip; for a pair derived from the two sources' sha256
     temporary: bool  # True when `path` is a staging file the daemon owns and may delete
+    header: tuple[str, ...] | None = None  # the training data's header (the next reference for `columns`)
+    warnings: tuple[str, ...] = ()  # from the model's rules
+    removed_entries: tuple[str, ...] = ()  # macOS leftovers a user zip was repacked without
 
 
 class Cancelled(Exception):
@@ -91,12 +96,12 @@ def _watching(cancel: threading.Event | None, sink: Callable[[bytes], object] | 
     return step
 
 
-def package_csv(path: Path, *, cancel: threading.Event | None = None) -> Package:
+def package_csv(path: Path, *, cancel: threading.Event | None = None, rules: Rules | None = None) -> Package:
     """Check and hash a dropped CSV (one read); it is uploaded unchanged under its own name."""
-    report = check_csv(path, sink=_watching(cancel) if cancel is not None else None)
+    report = check_csv(path, sink=_watching(cancel) if cancel is not None else None, rules=rules)
     _trainable(report, path.name)
     return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
-                   content_sha256=report.sha256, temporary=False)
+                   content_sha256=report.sha256, temporary=False, header=report.header, warnings=report.warnings)
 
 
 def package_zip(
@@ -105,17 +110,39 @@ def package_zip(
     max_ratio: float = 200.0,
     max_uncompressed_bytes: int = 64 << 30,
     cancel: threading.Event | None = None,
+    rules: Rules | None = None,
+    staging_dir: Path | None = None,
+    job_id: int = 0,
+    level: int = 1,
 ) -> Package:
-    """Check a dropped zip (layout, zip-bomb limits, each CSV inside) and hash it; uploaded unchanged."""
+    """Check a dropped zip (layout, zip-bomb limits, each CSV inside) and hash it; uploaded unchanged, unless macOS
+    "Compress" left ``__MACOSX/`` or ``.DS_Store`` entries in it: then it is repacked without them into
+    ``staging_dir/{job_id}-{name}`` (same member names and bytes) and that copy is uploaded under the zip's name."""
     report = check_zip(
         path,
         max_ratio=max_ratio,
         max_uncompressed_bytes=max_uncompressed_bytes,
         sink=_watching(cancel) if cancel is not None else None,
+        rules=rules,
     )
     _trainable(report.train, f"{path.name}:{report.train_member}")
-    return Package(path=path, upload_filename=path.name, size_bytes=report.size_bytes, sha256=report.sha256,
-                   content_sha256=report.sha256, temporary=False)
+    common = {"header": report.train.header, "warnings": report.warnings, "upload_filename": path.name}
+    if not report.junk:
+        return Package(path=path, size_bytes=report.size_bytes, sha256=report.sha256,
+                       content_sha256=report.sha256, temporary=False, **common)  # type: ignore[arg-type]
+    if staging_dir is None:
+        raise ValueError("a zip with macOS leftovers needs a staging_dir to be repacked in")
+    final = staging_dir / f"{job_id}-{path.name}"
+    with _staged(final) as out, zipfile.ZipFile(out, "w") as zf, open_regular(path) as f, zipfile.ZipFile(f) as src:
+        for info in src.infolist():
+            name = member_name(info)
+            if info.is_dir() or name.split("/")[0] == "__MACOSX" or name.split("/")[-1] == ".DS_Store":
+                continue
+            with src.open(info) as raw:
+                _write_member(zf, name, raw, os.fstat(f.fileno()).st_size, level, cancel)
+    size, sha256 = _hash(final)
+    return Package(path=final, size_bytes=size, sha256=sha256, content_sha256=sha256, temporary=True,
+                   removed_entries=report.junk, **common)  # type: ignore[arg-type]
 
 
 def _trainable(report: CsvReport, name: str) -> None:
@@ -132,7 +159,7 @@ def _trainable(report: CsvReport, name: str) -> None:
 
 def package_pair(
     name: str, train: Path, eval_: Path, staging_dir: Path, *, job_id: int, level: int = 1,
-    cancel: threading.Event | None = None,
+    cancel: threading.Event | None = None, rules: Rules | None = None,
 ) -> Package:
     """Write ``staging_dir/{job_id}-{name}.zip`` holding ``train_src/{train.name}`` and ``eval_src/{eval_.name}``.
 
@@ -151,8 +178,9 @@ def package_pair(
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with open(fd, "wb") as out:
             with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
-                train_report = _add_member(zf, f"train_src/{train.name}", train, level, cancel)
-                eval_report = _add_member(zf, f"eval_src/{eval_.name}", eval_, level, cancel)
+                rules = rules or Rules()
+                train_report = _add_member(zf, f"train_src/{train.name}", train, level, cancel, rules)
+                eval_report = _add_member(zf, f"eval_src/{eval_.name}", eval_, level, cancel, rules.for_eval())
             check_same_header(train_report, eval_report, train_name=train.name, eval_name=eval_.name)
             _trainable(train_report, train.name)
             out.flush()
@@ -167,12 +195,52 @@ def package_pair(
                 path.unlink(missing_ok=True)
         raise
     content = hashlib.sha256(b"pair\0" + train_report.sha256.encode() + b"\0" + eval_report.sha256.encode())
+    warnings = list(train_report.warnings)
+    if rules.target is not None and train_report.target is not None and eval_report.target is not None:
+        warnings += merge_classes(train_report.target, eval_report.target, rules.target)
     return Package(path=final, upload_filename=f"{name}.zip", size_bytes=size, sha256=sha256,
+                   header=train_report.header, warnings=tuple(warnings),
                    content_sha256=content.hexdigest(), temporary=True)
 
 
+@contextlib.contextmanager
+def _staged(final: Path) -> Iterator[BinaryIO]:
+    """Write ``final`` as ``final.part``, fsync it, rename it into place; on any error remove what was written."""
+    part = final.with_name(final.name + ".part")
+    placed = False
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, final)
+        placed = True
+        _fsync_dir(final.parent)
+    except BaseException:
+        for path in (part, final) if placed else (part,):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _write_member(
+    zf: zipfile.ZipFile, arcname: str, raw: IO[bytes], size: int, level: int, cancel: threading.Event | None
+) -> None:
+    info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = _MEMBER_ATTR
+    info.create_system = _UNIX
+    info.file_size = size  # an upper bound is enough: it only decides zip64 up front
+    setattr(info, "compress_level" if sys.version_info >= (3, 13) else "_compresslevel", level)
+    with zf.open(info, "w") as member:
+        step = _watching(cancel, member.write)
+        while chunk := raw.read(1 << 20):
+            step(chunk)
+
+
 def _add_member(
-    zf: zipfile.ZipFile, arcname: str, source: Path, level: int, cancel: threading.Event | None
+    zf: zipfile.ZipFile, arcname: str, source: Path, level: int, cancel: threading.Event | None, rules: Rules
 ) -> CsvReport:
     with open_regular(source) as raw:
         info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
@@ -183,7 +251,7 @@ def _add_member(
         # ZipFile.open(ZipInfo, "w") takes the level from the ZipInfo; the field is public only from 3.13.
         setattr(info, "compress_level" if sys.version_info >= (3, 13) else "_compresslevel", level)
         with zf.open(info, "w") as member:
-            return check_csv_stream(raw, name=source.name, sink=_watching(cancel, member.write))
+            return check_csv_stream(raw, name=source.name, sink=_watching(cancel, member.write), rules=rules)
 
 
 def _hash(path: Path, chunk_size: int = 1 << 20) -> tuple[int, str]:

@@ -30,6 +30,7 @@ from .packager import source_identities
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .progress import ProgressReporter
 from .redact import scrub
+from .rules import Rules, model_rules
 from .watcher import FAILED_DIR, printable_name
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "RetryLater",
     "Runner",
     "WaitForWindow",
+    "build_package",
     "context_for",
     "inbox_key",
 ]
@@ -247,7 +249,11 @@ class Runner:
         # What is checked here is what will be moved out of the inbox when the job closes, and nothing else.
         before = source_identities(model.inbox, job.sources)
         try:
-            pkg = await asyncio.to_thread(self._build, job, model)
+            rules = model_rules(model.settings, self.ledger.reference_header(model.name, job.inbox))
+        except ValueError as e:  # header_file unreadable: the config's fault, not the file's
+            raise _Failed(str(e), "Fix `header_file` in the config, then `retrain-uploader retry {id}`.") from e
+        try:
+            pkg = await asyncio.to_thread(self._build, job, model, rules)
             after = source_identities(model.inbox, job.sources)
         except packager.Cancelled:
             log.info("job.packaging_stopped", model=model.name, job_id=job.id, file=job.upload_filename)
@@ -270,9 +276,15 @@ class Runner:
             size_bytes=pkg.size_bytes,
             package_path=str(pkg.path) if pkg.temporary else None,
             source_ids=after,
+            header=pkg.header,
             event="packaged",
-            detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes, "sources": after},
+            detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes, "sources": after,
+                    **({"warnings": list(pkg.warnings)} if pkg.warnings else {}),
+                    **({"removed_entries": list(pkg.removed_entries)} if pkg.removed_entries else {})},
         )
+        if pkg.warnings or pkg.removed_entries:
+            log.warning("job.check_warnings", model=model.name, job_id=job.id, file=job.upload_filename,
+                        warnings=list(pkg.warnings), removed_entries=list(pkg.removed_entries))
         log.info(
             "job.packaged",
             model=model.name,
@@ -311,28 +323,10 @@ class Runner:
             detail={"same_as": earlier},
         )
 
-    def _build(self, job: Job, model: ModelContext) -> packager.Package:
+    def _build(self, job: Job, model: ModelContext, rules: Rules) -> packager.Package:
         paths = [model.inbox / name for name in job.sources]
-        limits = self.settings.packaging
-        if job.kind == "csv":
-            return packager.package_csv(paths[0], cancel=self._cancel)
-        if job.kind == "zip":
-            return packager.package_zip(
-                paths[0],
-                max_ratio=limits.max_zip_ratio,
-                max_uncompressed_bytes=limits.max_uncompressed_bytes,
-                cancel=self._cancel,
-            )
-        self.settings.staging_dir.mkdir(parents=True, exist_ok=True)
-        return packager.package_pair(
-            job.name,
-            paths[0],
-            paths[1],
-            self.settings.staging_dir,
-            job_id=job.id,
-            level=limits.zip_level,
-            cancel=self._cancel,
-        )
+        return build_package(job.kind, job.name, paths, self.settings, rules, job_id=job.id, cancel=self._cancel)
+
 
     async def _request(self, job: Job, model: ModelContext) -> Job:
         self._check_window()  # before the URL: it would only age while the job waits
@@ -679,3 +673,37 @@ class Runner:
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:
         return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]
+
+
+def build_package(
+    kind: str, name: str, paths: list[Path], settings: Settings, rules: Rules, *, job_id: int,
+    cancel: threading.Event | None = None, staging_dir: Path | None = None,
+) -> packager.Package:
+    """Check and package a job's sources exactly as the daemon does (``staging_dir`` defaults to the configured one;
+    ``run --dry-run`` and ``check`` pass a temporary folder)."""
+    limits = settings.packaging
+    staging = staging_dir or settings.staging_dir
+    if kind == "csv":
+        return packager.package_csv(paths[0], cancel=cancel, rules=rules)
+    staging.mkdir(parents=True, exist_ok=True)
+    if kind == "zip":
+        return packager.package_zip(
+            paths[0],
+            max_ratio=limits.max_zip_ratio,
+            max_uncompressed_bytes=limits.max_uncompressed_bytes,
+            cancel=cancel,
+            rules=rules,
+            staging_dir=staging,
+            job_id=job_id,
+            level=limits.zip_level,
+        )
+    return packager.package_pair(
+        name,
+        paths[0],
+        paths[1],
+        staging,
+        job_id=job_id,
+        level=limits.zip_level,
+        cancel=cancel,
+        rules=rules,
+    )
