@@ -303,12 +303,12 @@ async def test_prometheus_endpoint(start_daemon, emulator: Emulator) -> None:
         assert resp.status == 200
         text = await resp.text()
     lines = set(text.splitlines())
-    assert 'retrain_uploader_files_seen_total{model="alpha"} 1' in lines
-    assert 'retrain_uploader_uploads_total{model="alpha"} 1' in lines
-    assert f'retrain_uploader_upload_bytes_total{{model="alpha"}} {len(CSV)}' in lines
-    assert 'retrain_uploader_retries_total{model="alpha",state="requesting"} 1' in lines
-    assert 'retrain_uploader_model_paused{model="beta"} 0' in lines
-    assert 'retrain_uploader_upload_duration_seconds_count{model="alpha"} 1' in lines
+    assert 'retrain_uploader_files_seen_total{model="alpha"} 1.0' in lines  # prometheus_client writes floats
+    assert 'retrain_uploader_uploads_total{model="alpha"} 1.0' in lines
+    assert f'retrain_uploader_upload_bytes_total{{model="alpha"}} {float(len(CSV))}' in lines
+    assert 'retrain_uploader_retries_total{model="alpha",state="requesting"} 1.0' in lines
+    assert 'retrain_uploader_model_paused{model="beta"} 0.0' in lines
+    assert 'retrain_uploader_upload_duration_seconds_count{model="alpha"} 1.0' in lines
     assert any(line.startswith('retrain_uploader_jobs{model="alpha",state=') for line in lines)
 
 

@@ -13,16 +13,38 @@ from typing import Any
 from .bandwidth import CLOSED, Timetable, describe_rate
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, Settings
-from .ledger import Ledger, StaleJob, State
+from .ledger import Ledger, StaleJob, State, iso
 from .mover import rename_no_replace
 from .policy import is_credential_error
 from .watcher import OWN_FOLDERS, is_ignored, printable_name
 
-__all__ = ["PROBE_JOB_ID", "check_keys_online", "collect", "render", "retry_job", "switch_job", "window_text"]
+__all__ = [
+    "CRITICAL",
+    "OK",
+    "PROBE_JOB_ID",
+    "UNKNOWN",
+    "WARNING",
+    "check_keys_online",
+    "collect",
+    "failed_recently",
+    "health",
+    "render",
+    "retry_job",
+    "switch_job",
+    "unknown",
+    "waiting_files",
+    "window_text",
+]
 
 # A job id that cannot exist: asking its status proves a key without creating a retrain job.
 PROBE_JOB_ID = "retrain-uploader-key-check-0"
 _WAITING = (State.QUEUED, State.PACKAGING, State.REQUESTING, State.UPLOADING)
+# Monitoring-plugin exit codes (Nagios, Icinga, Sensu, Checkmk all read these).
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+_LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+FAILED_WINDOW_S = 24 * 3600
+# A job ended in one of these is a failure an operator should look at: the upload failed, or the retraining did.
+_FAILED = (State.FAILED, State.RETRAIN_FAILED, State.RETRAIN_TIMEOUT)
 
 
 def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None = None) -> dict[str, Any]:
@@ -34,7 +56,7 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
         out["upload_window"] = _window(settings.upload.timetable(), now or datetime.now(UTC))
     for model in settings.models:
         row = models_row.get(model.name, {})
-        waiting, oldest = _waiting_files(model.inbox)
+        waiting, oldest = waiting_files(model.inbox)
         last_failed = None
         unknown: list[dict[str, Any]] = []
         uploading: list[dict[str, Any]] = []
@@ -105,7 +127,8 @@ def window_text(timetable: Timetable, opens_at: datetime | None) -> str:
     return f"waiting for the upload window, opens at {local:%a %Y-%m-%d %H:%M} {zone}"
 
 
-def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
+def waiting_files(inbox: Path, now: float | None = None) -> tuple[int, dict[str, Any] | None]:
+    """How many files wait in an inbox, and the oldest one (name, modified_at, age_s)."""
     # The daemon moves files out while we look: an entry gone between the listing and its stat was not waiting.
     oldest: tuple[float, str] | None = None
     count = 0
@@ -127,7 +150,7 @@ def _waiting_files(inbox: Path) -> tuple[int, dict[str, Any] | None]:
             oldest = (st.st_mtime, entry.name)
     if oldest is None:
         return count, None
-    age = max(0.0, time.time() - oldest[0])
+    age = max(0.0, (time.time() if now is None else now) - oldest[0])
     when = datetime.fromtimestamp(oldest[0], UTC).isoformat(timespec="seconds")
     # A name that is not UTF-8 is shown with \\xff escapes: the report is printed (and JSON-encoded) as UTF-8.
     return count, {"file": printable_name(oldest[1]), "modified_at": when, "age_s": round(age)}
@@ -162,6 +185,56 @@ def render(report: dict[str, Any]) -> str:
         if failed:
             lines.append(f"  last failed job {failed['id']} ({failed['at']}): {failed['error']}")
     return "\n".join(lines)
+
+
+def health(
+    report: dict[str, Any], failed: list[dict[str, Any]], *, lock_held: bool, alert_waiting_s: float
+) -> tuple[int, str]:
+    """The monitoring verdict on a :func:`collect` report: an exit code and a one-line summary with perfdata.
+
+    CRITICAL: a model is paused, or no daemon holds the ledger lock. WARNING: a job failed in the last 24 h
+    (``failed``: those jobs, as dicts), or a file waited longer than ``alert_waiting_s``.
+    """
+    critical: list[str] = []
+    warning: list[str] = []
+    if not lock_held:
+        critical.append("no daemon holds the ledger lock")
+    for m in report["models"]:
+        if m["paused"]:
+            critical.append(f"model {m['model']} paused: {m['paused_reason']}")
+    for m in report["models"]:
+        oldest = m["oldest_waiting_file"]
+        if oldest and oldest["age_s"] > alert_waiting_s:
+            warning.append(f"{m['model']}: {oldest['file']!r} waiting {oldest['age_s']} s")
+    if failed:
+        last = failed[-1]
+        warning.append(f"{len(failed)} job(s) failed in 24 h, last {last['id']} {last['upload_filename']!r}")
+    code = CRITICAL if critical else WARNING if warning else OK
+    waiting = sum(m["files_waiting"] for m in report["models"])
+    oldest_s = max((m["oldest_waiting_file"]["age_s"] for m in report["models"] if m["oldest_waiting_file"]), default=0)
+    paused = sum(1 for m in report["models"] if m["paused"])
+    if code == OK:
+        text = f"{len(report['models'])} model(s), {waiting} file(s) waiting"
+    else:
+        text = "; ".join(critical + warning)
+    perf = f"waiting={waiting} oldest_waiting_s={oldest_s}s;{alert_waiting_s:g} failed_24h={len(failed)}"
+    perf += f" paused={paused}"
+    return code, f"RETRAIN-UPLOADER {_LABELS[code]} - {_one_line(text)} | {perf}"
+
+
+def failed_recently(ledger: Ledger | None, now: float) -> list[dict[str, Any]]:
+    """Jobs that ended in a failure in the last 24 h, oldest first."""
+    if ledger is None:
+        return []
+    return [j.as_dict() for j in ledger.failed_since(iso(now - FAILED_WINDOW_S), _FAILED)]
+
+
+def unknown(reason: str) -> tuple[int, str]:
+    return UNKNOWN, f"RETRAIN-UPLOADER UNKNOWN - {_one_line(reason)}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "/")  # "|" starts the perfdata in the plugin format
 
 
 def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:

@@ -8,14 +8,16 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
+from .history import DEFAULT_LISTING, job_document, job_story, job_table, parse_since
 from .journal import stderr_is_journal
-from .ledger import Ledger, LedgerLocked, State
+from .ledger import Ledger, LedgerLocked, State, iso, lock_held
 from .logs import configure, escape_surrogates, run_main
 
 __all__ = ["main"]
@@ -52,12 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     pre.add_argument("--model", help="the model whose rules apply (default: the model whose inbox holds the file)")
     pre.add_argument("--json", action="store_true", help="one JSON object per input")
-    jobs = sub.add_parser("jobs", parents=[common], help="list jobs from the ledger")
-    jobs.add_argument("--state", choices=[s.value for s in State])
-    jobs.add_argument("--model")
-    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+    _jobs_parser(sub, common)
     status = sub.add_parser("status", parents=[common], help="per model: counts, waiting files, pauses, errors")
-    status.add_argument("--json", action="store_true")
+    status_form = status.add_mutually_exclusive_group()
+    status_form.add_argument("--json", action="store_true")
+    status_form.add_argument(
+        "--check",
+        action="store_true",
+        help="monitoring plugin: one line, exit 0 OK, 1 WARNING (a job failed in 24 h, a file waited longer than"
+        " [status] alert_waiting_s), 2 CRITICAL (a model paused, no daemon running), 3 UNKNOWN",
+    )
     retry = sub.add_parser("retry", parents=[common], help="put a failed job's files back into its inbox")
     retry.add_argument("id", type=int)
     switch = sub.add_parser("switch", parents=[common], help="publish the retrained model of an uploaded job")
@@ -78,6 +84,50 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--once", action="store_true", help="exit 0 once every sample is uploaded")
     demo.add_argument("--dir", type=Path, default=None, help="work folder (default: a new temporary folder)")
     return parser
+
+
+def _jobs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    jobs = sub.add_parser(
+        "jobs", parents=[common], help="list jobs from the ledger (newest 50), or `jobs show ID`: one job's history"
+    )
+    jobs.add_argument("--state", choices=[s.value for s in State])
+    jobs.add_argument("--model")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per line (every job, unless limited)")
+    jobs.add_argument(
+        "--since",
+        type=_since,
+        metavar="DURATION|DATE",
+        help="only jobs created since then: 90m, 2h, 7d, 1w, or 2026-12-01[T10:00] (local time)",
+    )
+    jobs.add_argument(
+        "--limit", type=_positive_int, metavar="N", help=f"the newest N jobs (default {DEFAULT_LISTING}; --json: all)"
+    )
+    # Options given after `show` must not reset those given before it: the sub-parser sets only what it is given.
+    again = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    again.add_argument("--config", type=Path)
+    again.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    again.add_argument("--json", action="store_true", help="one object: the job's fields and its `events`")
+    show = jobs.add_subparsers(dest="jobs_command", metavar="show").add_parser(
+        "show", parents=[again], help="one job and every event of it, in order"
+    )
+    show.add_argument("id", type=int)
+
+
+def _since(text: str) -> float:
+    try:
+        return parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of jobs, 1 or more")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,32 +211,65 @@ def _open_ledger(settings: Settings) -> Ledger | None:
     return Ledger(settings.ledger.path)
 
 
+def _emit(lines: Iterable[str]) -> None:
+    """Print ``lines``; a reader that stopped reading (`jobs --json | head -1`) ends the output quietly."""
+    try:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # What the reader wanted it has. Point stdout at /dev/null so the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
+    if args.jobs_command == "show":
+        return _cmd_jobs_show(args)
     ledger = _open_ledger(_settings(args))
     if ledger is None:
         return EXIT_OK
+    limit = args.limit if args.limit is not None or args.json else DEFAULT_LISTING
     with ledger:
-        jobs = ledger.jobs(state=args.state, model=args.model)
-    if jobs and not args.json:
-        print(f"{'id':>6}  {'model':<16} {'state':<15} {'upload_filename':<40} {'retrain_job_id':<36} updated_at")
-    for job in jobs:
-        if args.json:
-            print(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)))
-        else:
-            error = f"  {job.error}" if job.error else ""
-            if job.outcome_unknown_since:
-                unknown = f"upload outcome unknown since {job.outcome_unknown_since}, asking the status check"
-                error = f"  {unknown}{error}"
-            print(
-                f"{job.id:>6}  {job.model:<16} {job.state:<15} {job.upload_filename:<40} "
-                f"{job.retrain_job_id or '-':<36} {job.updated_at}{error}"
-            )
+        jobs, total = ledger.recent(
+            state=args.state,
+            model=args.model,
+            since=None if args.since is None else iso(args.since),
+            limit=limit,
+        )
+    if args.json:
+        _emit(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)) for job in jobs)
+    else:
+        _emit(job_table(jobs, left_out=total - len(jobs)))
+    return EXIT_OK
+
+
+def _cmd_jobs_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    ledger = _open_ledger(settings)
+    if ledger is None:
+        print(f"retrain-uploader: no ledger at {settings.ledger.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    with ledger:
+        try:
+            job = ledger.get(args.id)
+        except KeyError:
+            print(f"retrain-uploader: no job {args.id} in the ledger", file=sys.stderr)
+            return EXIT_FAILURE
+        events = ledger.events(job.id)
+    if args.json:
+        _emit([escape_surrogates(json.dumps(job_document(job, events), ensure_ascii=False))])
+    else:
+        _emit(job_story(job, events))
     return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from .admin import collect, render
 
+    if args.check:
+        return _status_check(args)
     settings = _settings(args)
     ledger = _open_ledger(settings)
     try:
@@ -194,8 +277,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     finally:
         if ledger is not None:
             ledger.close()
-    print(escape_surrogates(json.dumps(report, ensure_ascii=False)) if args.json else render(report))
+    _emit([escape_surrogates(json.dumps(report, ensure_ascii=False)) if args.json else render(report)])
     return EXIT_OK
+
+
+def _status_check(args: argparse.Namespace) -> int:
+    """`status --check`: a monitoring plugin. Whatever goes wrong is UNKNOWN (3), never a traceback: exit 1 would
+    read as WARNING."""
+    from .admin import collect, failed_recently, health, unknown
+
+    try:
+        settings = _settings(args)
+        ledger = _open_ledger(settings)
+        try:
+            report = collect(settings, ledger)
+            failed = failed_recently(ledger, time.time())
+        finally:
+            if ledger is not None:
+                ledger.close()
+        code, line = health(
+            report, failed, lock_held=lock_held(settings.ledger.path), alert_waiting_s=settings.status.alert_waiting_s
+        )
+    except Exception as e:  # a plugin answers UNKNOWN whatever failed
+        code, line = unknown(f"cannot check: {e}")
+    _emit([escape_surrogates(line)])
+    return code
 
 
 def _on_job(args: argparse.Namespace, verb: str, action: Callable[[Settings, Ledger, int], list[str]]) -> int:

@@ -108,6 +108,8 @@ class StatusSettings(_Section):
     max_poll_delay_s: PositiveFloat = 3600.0  # backoff ceiling while status checks fail
     give_up_after_h: PositiveFloat = 48.0
     download_result: bool = True
+    # `status --check` warns when a file has waited in an inbox longer than this.
+    alert_waiting_s: PositiveFloat = 3600.0
 
 
 class MetricsSettings(_Section):

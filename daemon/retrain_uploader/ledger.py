@@ -29,6 +29,8 @@ __all__ = [
     "LedgerLocked",
     "StaleJob",
     "State",
+    "iso",
+    "lock_held",
     "reference_header",
     "sent_before",
 ]
@@ -355,6 +357,43 @@ class Ledger:
             args.append(limit)
         return [_job(r) for r in self._db.execute(sql, args)]
 
+    def recent(
+        self,
+        *,
+        state: str | None = None,
+        model: str | None = None,
+        since: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[Job], int]:
+        """The newest ``limit`` jobs created at or after ``since`` (an ISO time in the ledger's form), oldest first,
+        and how many jobs matched in all (so a listing can say how many it left out)."""
+        where = " WHERE 1=1"
+        args: list[Any] = []
+        for column, value in (("state", state), ("model", model)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
+        if since is not None:
+            where += " AND created_at >= ?"
+            args.append(since)
+        total = int(self._db.execute("SELECT COUNT(*) FROM jobs" + where, args).fetchone()[0])  # noqa: S608
+        sql = "SELECT * FROM jobs" + where + " ORDER BY id DESC"  # noqa: S608 -- fixed column names
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = [_job(r) for r in self._db.execute(sql, args)]
+        rows.reverse()
+        return rows, total
+
+    def failed_since(self, since: str, states: Iterable[str]) -> list[Job]:
+        """Jobs in one of ``states`` whose last change is at or after ``since`` (an ISO time in the ledger's form)."""
+        wanted = list(states)
+        sql = (
+            f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(wanted))})"  # noqa: S608 -- placeholders
+            " AND updated_at >= ? ORDER BY id"
+        )
+        return [_job(r) for r in self._db.execute(sql, [*wanted, since])]
+
     def tracked(
         self, *, download: bool, auto_switch_models: Collection[str], ids: Collection[int] | None = None
     ) -> list[Job]:
@@ -510,6 +549,41 @@ def sent_before(db: sqlite3.Connection, model: str, inbox: str | None, content_s
     """(job id, state) of the first job of this inbox (or, before schema 3, model) that sent or sends this content."""
     row = db.execute(_DUPLICATE_OF, (inbox, model, content_sha256, -1, *_SENT_OR_SENDING)).fetchone()
     return None if row is None else (int(row[0]), str(row[1]))
+
+
+def iso(at: float) -> str:
+    """A POSIX time in the ledger's form (the form of every ``*_at`` column), for comparing with them."""
+    return _now_iso(lambda: at)
+
+
+def lock_held(ledger_path: Path) -> bool:
+    """Whether a process holds this ledger's lock (a running daemon), read from /proc/locks.
+
+    Reading, not trying the lock: a probe that took the lock for a moment could make a daemon starting at that moment
+    fail with :class:`LedgerLocked`. Raises OSError where /proc/locks cannot be read (not Linux).
+    """
+    try:
+        st = os.stat(ledger_path.with_name(ledger_path.name + ".lock"))
+    except FileNotFoundError:
+        return False
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    holder = ""
+    with contextlib.suppress(OSError):  # the daemon writes its pid there; it names the holder on an overlay mount,
+        holder = ledger_path.with_name(ledger_path.name + ".lock").read_text().strip()  # where devices differ
+    with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+        for line in locks:
+            # "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF" (a blocked waiter's line has "->" after the number)
+            fields = line.replace("->", "").split()
+            if len(fields) < 6 or fields[1] != "FLOCK":
+                continue
+            try:
+                major, minor, inode = fields[5].split(":")
+                found = (int(major, 16), int(minor, 16), int(inode))
+            except ValueError:
+                continue
+            if found == wanted or (found[2] == st.st_ino and fields[4] == holder):
+                return True
+    return False
 
 
 def _take_lock(path: Path) -> int:

@@ -26,7 +26,7 @@ from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import Job, Ledger, State
-from .metrics import Metrics, MetricsServer
+from .metrics import Metrics, MetricsServer, Snapshot
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
 from .redact import register_secret
@@ -553,9 +553,20 @@ class Service:
         self._notify_status()
 
     # -- reporting ----------------------------------------------------------------------------------------------------
-    def _metrics_snapshot(self) -> tuple[dict[str, dict[str, int]], dict[str, bool]]:
-        paused = {name: ctx.paused_reason is not None for name, ctx in self.models.items()}
-        return self.ledger.counts(), paused
+    def _metrics_snapshot(self) -> Snapshot:
+        from .admin import waiting_files
+
+        rows = self.ledger.models()
+        return Snapshot(
+            jobs=self.ledger.counts(),
+            paused={name: ctx.paused_reason for name, ctx in self.models.items()},
+            ledger_path=self.settings.ledger.path,
+            paused_at={name: rows.get(name, {}).get("paused_at") for name in self.models},
+            last_success_at={name: rows.get(name, {}).get("last_success_at") for name in self.models},
+            oldest_waiting_s={
+                m.name: (waiting_files(m.inbox)[1] or {}).get("age_s") for m in self.settings.models
+            },
+        )
 
     def summary(self) -> str:
         paused = sorted(name for name, ctx in self.models.items() if ctx.paused_reason)
