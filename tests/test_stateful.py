@@ -48,7 +48,7 @@ from retrain_uploader.ledger import AFTER_UPLOAD
 from retrain_uploader.packager import source_identity
 
 from ._proc import DaemonProcess, LedgerView, write_config
-from .conftest import KEYS, drop
+from .conftest import KEYS, drop, wait_for
 
 T = TypeVar("T")
 
@@ -520,3 +520,61 @@ def test_drops_crashes_reloads_and_faults_in_any_order_send_nothing_twice_and_lo
     finally:
         loop.close()
 
+
+
+# -- found by the machine's rules, kept as a deterministic reproduction ----------------------------------------------
+
+
+def _copy_keeping_mtime(inbox: Path, name: str, data: bytes, mtime_ns: int) -> Path:
+    """What ``cp -p`` / ``rsync -a`` / an unzip does: a new file whose mtime is the original's, renamed into place."""
+    tmp = inbox / f".{name}.incoming"
+    tmp.write_bytes(data)
+    os.utime(tmp, ns=(mtime_ns, mtime_ns))
+    return tmp.rename(inbox / name)
+
+
+def _same_file_to_stat(path: Path) -> tuple[int, ...]:
+    """Everything ``stat`` tells apart that a user's copy can reproduce: device, inode (once freed), size, mtime."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@pytest.mark.slow
+async def test_a_copy_with_the_checked_files_size_and_mtime_on_its_freed_inode_is_not_moved_as_that_file(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    emulator.inject("put", "drop", after_body=True)  # A arrives, its answer is lost ...
+    emulator.inject("status", "slow", delay_s=0)  # (the baseline before the PUT is answered)
+    emulator.inject("status", "hang")  # ... and the check that settles it waits for the request timeout
+    config = write_config(tmp_path, emulator.base_url, api={"request_timeout_s": 2}, watch={"settle_s": 0.05})
+    inbox = Settings.from_toml(config).model("alpha").inbox
+    inbox.mkdir(parents=True)
+    ledger = LedgerView(Settings.from_toml(config).ledger.path)
+    a, b, c = POOL[0], POOL[1], POOL[2]
+    assert len(a) == len(b) == len(c) and len({a, b, c}) == 3
+    mtime_ns = 1_700_000_000_000_000_000  # the exports' own timestamp, kept by the copy tool
+    daemon = DaemonProcess(config, tmp_path)
+    await daemon.start()
+    try:
+        checked = _same_file_to_stat(_copy_keeping_mtime(inbox, "a.csv", a, mtime_ns))
+        await wait_for(lambda: emulator.uploads, 10, "A to arrive (its answer lost)")
+        # Newer exports of the same size and timestamp are copied over it while the outcome is unknown: the first
+        # frees A's inode, which the file system hands to the next one (or a later one: try a few).
+        for attempt in range(40):
+            path = _copy_keeping_mtime(inbox, "a.csv", c if attempt % 2 else b, mtime_ns)
+            if _same_file_to_stat(path) == checked:
+                break
+        else:
+            pytest.skip("this file system did not reuse the inode; the identity collision needs it")
+        latest = path.read_bytes()
+        [job] = await ledger.all_closed(1, 20)
+        assert job["state"] in SENT
+        assert [u.sha256 for u in emulator.uploads] == [sha(a)]
+        # A's own file was overwritten by the user: nothing of job 1 is left to move. The newer export is another file
+        # (whatever its stat says): it stays, and becomes a job of its own.
+        in_done = {p.name: sha(p.read_bytes()) for p in (inbox / "done").glob("*.csv")}
+        assert set(in_done.values()) <= {sha(a)}, f"moved to done/ as job 1's file, never uploaded: {in_done}"
+        await ledger.all_closed(2, 20)
+        assert sorted(u.sha256 for u in emulator.uploads) == sorted([sha(a), sha(latest)])
+    finally:
+        await daemon.close()
