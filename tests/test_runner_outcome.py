@@ -238,6 +238,18 @@ async def test_a_5xx_after_the_whole_body_is_settled_by_the_status_check_not_sen
     assert [e["detail"] for e in d.events(job.id) if e["event"] == "uploaded"] == [{"confirmed_by_status": True}]
 
 
+async def test_a_gateway_page_on_the_status_check_before_the_put_does_not_fail_a_good_file(
+    start_daemon: Callable[..., Any], emulator: Emulator
+) -> None:
+    page = {"status": 404, "body": "<html><h1>404 Not Found</h1></html>", "content_type": "text/html"}
+    emulator.inject("status", "http_status", times=3, **page)  # the baseline, asked and asked again
+    d = await start_daemon()
+    drop(d.inbox(), "a.csv", _table(10))
+    [job] = await d.closed_jobs(1)
+    assert job.state in AFTER_UPLOAD, job.error
+    assert list(emulator.upload_count_by_sha().values()) == [1]
+
+
 async def test_the_job_says_its_outcome_is_unknown_while_it_is(
     start_daemon: Callable[..., Any], emulator: Emulator
 ) -> None:

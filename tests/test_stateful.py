@@ -54,12 +54,9 @@ T = TypeVar("T")
 
 SENT = frozenset(str(s) for s in AFTER_UPLOAD)
 # The emulator never fails a retraining (a job whose retraining "failed" would also let the same content be sent
-# again, by design), and all faults here but one are transient: no job may fail, except by that one (FAILS_BY_DESIGN).
+# again, by design), and all faults here are transient: no job may fail.
 ALLOWED = (SENT - {"retrain_failed", "retrain_timeout"}) | {"queued", "packaging", "requesting", "uploading",
                                                           "duplicate"}
-# A gateway's HTML 404 on the status check asked before a PUT is "anything else 4xx" (DESIGN.md: the job fails, its
-# file goes to failed/ with the reason); the same answer after a PUT whose answer was lost only means "ask again".
-FAILS_BY_DESIGN = "status: HTTP 404: <html>"
 API_KEY = "key-alpha-0001"  # the model's key (tests/conftest.py KEYS), which must never be written anywhere
 MODEL_NAMES = ("alpha", "alpha-renamed")
 CSV_NAMES = ("a.csv", "b.csv", "c.csv")
@@ -369,7 +366,7 @@ class ExactlyOnce(RuleBasedStateMachine):
         failed = [
             (j["id"], j["sources"], j["state"], j["error"])
             for j in jobs
-            if j["state"] not in ALLOWED and not (j["state"] == "failed" and self._failed_by_design(j, uploads_after))
+            if j["state"] not in ALLOWED
         ]
         assert failed == [], f"jobs failed, though the faults were transient: {failed}" + self.why
         claimed = [(j["id"], j["sha256"]) for j in jobs if j["state"] in SENT and j["sha256"] not in uploads_after]
@@ -396,17 +393,6 @@ class ExactlyOnce(RuleBasedStateMachine):
                 f"{target} (job {job['id']}, {job['state']}) is in done/ but its content never arrived" + self.why
             )
         return {"jobs": jobs, "in_done": in_done, "where": where, "by_key": by_key, "states": states}
-
-    def _failed_by_design(self, job: dict[str, Any], uploads: set[str]) -> bool:
-        """Failed by the one permanent fault injected here, and nothing of it ever arrived (else a new drop of the
-        file, which is what a user does with a file in failed/, would pay twice)."""
-        emulator = self.emulator
-        assert emulator is not None
-        remote = {e["detail"]["retrain_job_id"] for e in self.ledger.events(job["id"], "upload_url")}
-        received = self.loop.call(lambda: {u.job_id for u in emulator.uploads})
-        return (job["error"] or "").startswith(FAILS_BY_DESIGN) and not remote & received and job["sha256"] not in (
-            uploads
-        )
 
     @invariant()
     def nothing_twice_and_nothing_done_unsent(self) -> None:

@@ -25,7 +25,7 @@ from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics
 from .mover import apply_moves, plan_moves
-from .outcome import Arrived, Gone, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
+from .outcome import Arrived, KeyRefused, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
 from .packager import source_identities
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .progress import ProgressReporter
@@ -392,10 +392,11 @@ class Runner:
             try:
                 before = (await self.client.get_status(model.api_key, ticket.retrain_job_id)).status
             except ApiError as e:
-                if not isinstance(read_answer(e), Gone):
-                    raise
-                # A job created a moment ago may not be listed by the status check yet: ask again, as for a 5xx.
-                raise TransportError("status", f"the new remote job is not listed yet ({e.describe()})") from e
+                if isinstance(read_answer(e), KeyRefused):
+                    raise  # the model is paused
+                # Nothing was sent yet: any other answer (a job created a moment ago and not listed yet, a gateway's
+                # HTML page) is asked again like a 5xx, up to max_attempts, rather than failing a good file.
+                raise TransportError("status", f"no usable status before the upload ({e.describe()})") from e
             job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
         self._check_window()
         self._check_sources_unchanged(job, model)
