@@ -85,11 +85,11 @@ class ApiSettings(_Section):
             context = ssl.create_default_context()
             try:
                 context.load_verify_locations(cafile=str(value))
+            except (ssl.SSLError, ValueError):  # before OSError: SSLError is one
+                msg = f"{value} holds no PEM certificate that can be parsed"
+                raise ValueError(msg) from None
             except OSError as e:
                 msg = f"cannot read {value}: {e.strerror}"
-                raise ValueError(msg) from None
-            except (ssl.SSLError, ValueError):
-                msg = f"{value} holds no PEM certificate that can be parsed"
                 raise ValueError(msg) from None
         return value
 

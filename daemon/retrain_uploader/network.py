@@ -7,7 +7,6 @@ their lower-case forms) are honoured as curl does. ``[api] ca_file`` is added to
 from __future__ import annotations
 
 import asyncio
-import base64
 import ssl
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,10 +21,19 @@ from .redact import register_secret, scrub
 if TYPE_CHECKING:
     from .config import ApiSettings
 
-__all__ = ["PROXY_AUTH_FAILED", "Network", "Route", "describe_failure", "parse_proxy"]
+__all__ = ["PROXY_AUTH_FAILED", "Credentials", "Network", "Route", "describe_failure", "parse_proxy"]
 
 # The pause reason of every model when the proxy refuses our credentials (a configuration problem, not a blip).
 PROXY_AUTH_FAILED = "proxy authentication failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    login: str
+    password: str = field(repr=False)
+
+    def header(self) -> str:
+        return aiohttp.encode_basic_auth(self.login, self.password)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +41,14 @@ class Route:
     """How one request leaves: straight out, or through ``proxy`` (shown without its credentials)."""
 
     proxy: URL | None = None
-    auth: aiohttp.BasicAuth | None = field(default=None, repr=False)
+    auth: Credentials | None = field(default=None, repr=False)
     source: str = "direct"  # "[api] proxy", "environment (HTTPS_PROXY)", "direct", "direct (NO_PROXY)"
 
     def describe(self) -> str:
         return "directly" if self.proxy is None else f"through the proxy {self.proxy} from {self.source}"
 
 
-def parse_proxy(text: str) -> tuple[URL, aiohttp.BasicAuth | None]:
+def parse_proxy(text: str) -> tuple[URL, Credentials | None]:
     """``http://[user:password@]host:port`` (a bare ``host:port`` means http) -> the URL without credentials, auth."""
     url = URL(text if "://" in text else f"http://{text}")
     if url.scheme not in ("http", "https") or not url.host:
@@ -48,7 +56,7 @@ def parse_proxy(text: str) -> tuple[URL, aiohttp.BasicAuth | None]:
         raise ValueError(msg)
     auth = None
     if url.user is not None:
-        auth = aiohttp.BasicAuth(url.user, url.password or "")
+        auth = Credentials(url.user, url.password or "")
     return url.with_user(None).with_password(None).with_path("").with_query(None).with_fragment(None), auth
 
 
@@ -57,7 +65,7 @@ class Network:
     """The proxy and the trusted CAs every request of a :class:`~retrain_uploader.client.Client` uses."""
 
     proxy: URL | None = None
-    auth: aiohttp.BasicAuth | None = field(default=None, repr=False)
+    auth: Credentials | None = field(default=None, repr=False)
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     ca_file: str | None = None
     use_environment: bool = True
@@ -66,12 +74,12 @@ class Network:
     def from_settings(cls, api: ApiSettings) -> Network:
         """Read the proxy password file and the CA bundle now; raises ConfigError naming the key."""
         proxy: URL | None = None
-        auth: aiohttp.BasicAuth | None = None
+        auth: Credentials | None = None
         if api.proxy is not None:
             proxy, auth = parse_proxy(api.proxy)
             password = api.read_proxy_password()
             if password is not None and auth is not None:
-                auth = aiohttp.BasicAuth(auth.login, password)
+                auth = Credentials(auth.login, password)
             if auth is not None and auth.password:
                 register_secret(auth.password)
         context = ssl.create_default_context()  # the system's CAs, and the bundle added to them, not instead
@@ -106,7 +114,9 @@ class Network:
     def request_options(self, url: URL) -> dict[str, Any]:
         """aiohttp keyword arguments for a request to ``url``: proxy, its credentials, TLS context."""
         route = self.route(url)
-        options: dict[str, Any] = {"proxy": route.proxy, "proxy_auth": route.auth}
+        options: dict[str, Any] = {"proxy": route.proxy}
+        if route.proxy is not None and route.auth is not None:
+            options["proxy_headers"] = {"Proxy-Authorization": route.auth.header()}
         if self.ssl_context is not None and url.scheme == "https":
             options["ssl"] = self.ssl_context
         return options
@@ -179,8 +189,7 @@ async def _presented_certificate(url: URL, route: Route, timeout_s: float) -> tu
                 reader, writer = await asyncio.open_connection(route.proxy.host, route.proxy.port)
                 request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                 if route.auth is not None:
-                    token = base64.b64encode(f"{route.auth.login}:{route.auth.password}".encode()).decode()
-                    request += f"Proxy-Authorization: Basic {token}\r\n"
+                    request += f"Proxy-Authorization: {route.auth.header()}\r\n"
                 writer.write(f"{request}\r\n".encode())
                 head = await reader.readuntil(b"\r\n\r\n")
                 if head.split(b" ", 2)[1:2] != [b"200"]:
