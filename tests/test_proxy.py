@@ -22,6 +22,7 @@ from retrain_uploader.config import ConfigError, Settings
 from retrain_uploader.emulator import Emulator
 from retrain_uploader.ledger import Ledger, State
 from retrain_uploader.network import PROXY_AUTH_FAILED
+from retrain_uploader.redact import REDACTED, scrub
 
 from ._proxy import ForwardProxy
 from .conftest import KEYS, Daemon, drop, wait_for
@@ -362,3 +363,6 @@ def test_a_password_in_the_proxy_url_is_never_shown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         write_config(tmp_path, "https://api.example.test", proxy=f"https://bob:{PASSWORD}@proxy.corp")
     assert PASSWORD not in str(info.value)
+    # Any line that quotes a proxy URL (an aiohttp message, a setting echoed back) loses the password, keeps the user.
+    line = f"cannot connect to http://bob:{PASSWORD}@proxy.corp:3128"
+    assert scrub(line) == f"cannot connect to http://bob:{REDACTED}@proxy.corp:3128"
