@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .bandwidth import CLOSED, Timetable, describe_rate
-from .client import ApiError, Client, TransportError
+from .client import ApiError, Client, ProxyAuthFailed, TransportError
 from .config import ConfigError, Settings
 from .ledger import Ledger, StaleJob, State, iso
 from .mover import rename_no_replace
+from .network import Network
 from .policy import is_credential_error
 from .watcher import OWN_FOLDERS, is_ignored, printable_name
 
@@ -278,7 +279,7 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     if job.state not in (State.FINISHED, State.UPLOADED, State.RETRAINING) or not job.retrain_job_id:
         raise ValueError(f"it is {job.state}; only a finished retraining can be switched to")
     key = settings.model(job.model).read_api_key()
-    client = Client(settings.api.base_url, request_timeout_s=settings.api.request_timeout_s)
+    client = _client(settings)
     try:
         await client.switch_model(key, job.retrain_job_id)
     except ApiError as e:
@@ -309,9 +310,12 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
 
 
 async def check_keys_online(settings: Settings) -> list[str]:
-    """Prove each key with a status check of a job id that cannot exist: no retrain job is created."""
+    """Prove each key with a status check of a job id that cannot exist: no retrain job is created.
+
+    The request takes the daemon's way out (proxy, CAs): a failure names the hop (proxy, its credentials, DNS, TLS).
+    """
     problems: list[str] = []
-    client = Client(settings.api.base_url, request_timeout_s=settings.api.request_timeout_s)
+    client = _client(settings)
     try:
         for model in settings.models:
             try:
@@ -324,10 +328,22 @@ async def check_keys_online(settings: Settings) -> list[str]:
                     problems.append(f"models.{model.name}: the API rejected the key: {e.message}")
                 elif e.message.strip() != "Not found retrain job.":
                     problems.append(f"models.{model.name}: unexpected answer: {e.describe()}")
+            except ProxyAuthFailed as e:
+                problems.append(f"api.proxy: {e.detail}")
+                break  # the same proxy serves every model
             except TransportError as e:
-                problems.append(f"models.{model.name}: cannot reach the API: {e}")
+                problems.append(f"models.{model.name}: cannot reach the API at {settings.api.base_url}: {e.detail}")
             else:
                 problems.append(f"models.{model.name}: unexpected answer: a job {PROBE_JOB_ID!r} exists")
     finally:
         await client.close()
     return problems
+
+
+def _client(settings: Settings) -> Client:
+    return Client(
+        settings.api.base_url,
+        connect_timeout_s=settings.api.connect_timeout_s,
+        request_timeout_s=settings.api.request_timeout_s,
+        network=Network.from_settings(settings.api),
+    )

@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from .bandwidth import TokenBucket, WindowClosed
+from .network import PROXY_AUTH_FAILED, Network, describe_failure
 from .redact import redact_url, scrub
 from .retry_after import parse_retry_after
 
@@ -29,6 +30,7 @@ __all__ = [
     "ApiError",
     "Client",
     "JobStatus",
+    "ProxyAuthFailed",
     "SourceChanged",
     "TransportError",
     "UploadCut",
@@ -56,6 +58,20 @@ class TransportError(ConnectionError):
         self.detail = detail
         self.body_complete = body_complete
         super().__init__(f"{endpoint}: {detail}")
+
+
+class ProxyAuthFailed(TransportError):
+    """The proxy answered 407: its credentials (``[api] proxy``, ``proxy_password_file``) are missing or wrong.
+
+    Nothing reached the far side. Every request goes through the same proxy, so it is a configuration problem.
+    """
+
+    def __init__(self, endpoint: str, proxy: object, source: str) -> None:
+        detail = (
+            f"{PROXY_AUTH_FAILED}: the proxy {proxy} (from {source}) answered 407 Proxy Authentication Required;"
+            " check the user and password of [api] proxy (or proxy_password_file), then reload"
+        )
+        super().__init__(endpoint, detail, body_complete=False)
 
 
 class ApiError(Exception):
@@ -321,8 +337,10 @@ class Client:
         request_timeout_s: float = 60.0,
         upload_read_timeout_s: float = 300.0,
         throttle: TokenBucket | None = None,
+        network: Network | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self.network = network or Network()  # proxy and CAs, per request: a reload may replace them
         self._throttle = throttle  # shared by every PUT body of this client; API calls are not throttled
         self._session = session
         self._owns_session = session is None
@@ -341,6 +359,25 @@ class Client:
             # The upload URL is a credential for whatever host it names: never send our headers along a redirect.
             self._session = aiohttp.ClientSession(raise_for_status=False, auto_decompress=True)
         return self._session
+
+    def _via(self, url: URL) -> dict[str, Any]:
+        return self.network.request_options(url)
+
+    async def _transport_error(
+        self, endpoint: str, error: aiohttp.ClientError, url: URL, *, body_complete: bool = True
+    ) -> TransportError:
+        """A typed error that names the hop that failed: the proxy, its credentials, DNS, TLS or the server."""
+        if isinstance(error, aiohttp.ClientHttpProxyError) and error.status == 407:
+            route = self.network.route(url)
+            return ProxyAuthFailed(endpoint, route.proxy, route.source)
+        detail = await describe_failure(error, url, self.network, self._api_timeout.sock_connect or 10.0)
+        return TransportError(endpoint, detail, body_complete=body_complete)
+
+    def _proxy_answered_407(self, endpoint: str, resp: aiohttp.ClientResponse, url: URL) -> None:
+        # A plain-http target through a proxy: the 407 comes as the request's own answer, not as a CONNECT failure.
+        route = self.network.route(url)
+        if resp.status == 407 and route.proxy is not None:
+            raise ProxyAuthFailed(endpoint, route.proxy, route.source)
 
     async def close(self) -> None:
         if self._owns_session and self._session is not None:
@@ -402,8 +439,10 @@ class Client:
                     skip_auto_headers=("Content-Type",),
                     timeout=self._put_timeout,
                     allow_redirects=False,
+                    **self._via(URL(upload_url, encoded=True)),
                 ) as resp:
                     watchdog.progress()
+                    self._proxy_answered_407("put", resp, URL(upload_url, encoded=True))
                     if resp.status >= 300:
                         error = await _put_error(resp)
                         error.body_complete = payload.last_byte_handed_over
@@ -429,7 +468,8 @@ class Client:
                 if payload.transport is not None:
                     payload.transport.abort()  # nothing more of this body may leave
                 raise UploadCut(sent=payload.sent, size=size) from None
-            raise TransportError("put", _transport_detail(e), body_complete=payload.last_byte_handed_over) from None
+            url = URL(upload_url, encoded=True)
+            raise await self._transport_error("put", e, url, body_complete=payload.last_byte_handed_over) from None
         except TimeoutError:
             detail = "timed out waiting for the storage server"
             raise TransportError("put", detail, body_complete=payload.last_byte_handed_over) from None
@@ -439,7 +479,9 @@ class Client:
         part = dest.with_name(f".{dest.name}.part")  # hidden until complete
         total = 0
         try:
-            async with self.session.get(URL(url, encoded=True), timeout=self._download_timeout) as resp:
+            target = URL(url, encoded=True)
+            async with self.session.get(target, timeout=self._download_timeout, **self._via(target)) as resp:
+                self._proxy_answered_407("download", resp, target)
                 if resp.status >= 300:
                     raise await _put_error(resp, endpoint="download")
                 # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
@@ -450,7 +492,7 @@ class Client:
             part.replace(dest)
         except aiohttp.ClientError as e:
             part.unlink(missing_ok=True)
-            raise TransportError("download", _transport_detail(e)) from None
+            raise await self._transport_error("download", e, URL(url, encoded=True)) from None
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -459,13 +501,19 @@ class Client:
     async def _api_call(self, endpoint: str, method: str, url: URL, api_key: str) -> dict[str, Any]:
         try:
             async with self.session.request(
-                method, url, headers={"x-api-key": api_key}, timeout=self._api_timeout, allow_redirects=False
+                method,
+                url,
+                headers={"x-api-key": api_key},
+                timeout=self._api_timeout,
+                allow_redirects=False,
+                **self._via(url),
             ) as resp:
+                self._proxy_answered_407(endpoint, resp, url)
                 text = await resp.text(errors="replace")
                 if resp.status >= 300:
                     raise _api_error(endpoint, resp, text, api_key)
         except aiohttp.ClientError as e:
-            raise TransportError(endpoint, _transport_detail(e)) from None
+            raise await self._transport_error(endpoint, e, url) from None
         except TimeoutError:
             raise TransportError(endpoint, "timed out waiting for the API") from None
         try:

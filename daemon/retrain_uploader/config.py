@@ -6,6 +6,7 @@ pydantic does the validation so that every error names the key it is about; :cla
 from __future__ import annotations
 
 import os
+import ssl
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ class ApiSettings(_Section):
     request_timeout_s: PositiveFloat = 60.0
     # A PUT of several GB on a slow uplink takes long: this bounds silence on the socket, not the whole upload.
     upload_read_timeout_s: PositiveFloat = 300.0
+    # "http://[user:password@]host:port": every request goes through it (CONNECT for https). Unset: HTTPS_PROXY,
+    # HTTP_PROXY and NO_PROXY from the environment, as curl reads them.
+    proxy: str | None = None
+    proxy_password_file: Path | None = None  # the proxy user's password, kept outside the config
+    ca_file: Path | None = None  # PEM bundle added to the system's CAs (a TLS-inspecting proxy's CA)
 
     @field_validator("base_url")
     @classmethod
@@ -57,6 +63,68 @@ class ApiSettings(_Section):
             msg = "must start with http:// or https://"
             raise ValueError(msg)
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from yarl import URL
+
+        url = URL(value)
+        # The message never repeats the value: it may hold a password.
+        if url.scheme != "http" or not url.host or url.explicit_port is None or url.path not in ("", "/") or url.query:
+            msg = "must look like http://[user:password@]host:port (the proxy's own scheme is http, also for https)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _pem_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            context = ssl.create_default_context()
+            try:
+                context.load_verify_locations(cafile=str(value))
+            except (ssl.SSLError, ValueError):  # before OSError: SSLError is one
+                msg = f"{value} holds no PEM certificate that can be parsed"
+                raise ValueError(msg) from None
+            except OSError as e:
+                msg = f"cannot read {value}: {e.strerror}"
+                raise ValueError(msg) from None
+        return value
+
+    @model_validator(mode="after")
+    def _password_has_user(self) -> Self:
+        if self.proxy_password_file is not None:
+            from yarl import URL
+
+            url = URL(self.proxy) if self.proxy is not None else None
+            if url is None or not url.user or url.password is not None:
+                msg = "proxy_password_file needs proxy = \"http://USER@host:port\" (a user, and no password in it)"
+                raise ValueError(msg)
+            _read_password(self.proxy_password_file)  # checked at start; read again on every reload
+        return self
+
+    def read_proxy_password(self) -> str | None:
+        """The proxy password from ``proxy_password_file``, read now (an edited file is seen on reload)."""
+        if self.proxy_password_file is None:
+            return None
+        try:
+            return _read_password(self.proxy_password_file)
+        except ValueError as e:
+            raise ConfigError(f"api.{e}") from None
+
+
+def _read_password(path: Path) -> str:
+    try:
+        password = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        msg = f"proxy_password_file: cannot read {path}: {e.strerror}"
+        raise ValueError(msg) from None
+    if not password or any(c in password for c in "\r\n"):
+        msg = f"proxy_password_file: {path} must hold one line, the password"
+        raise ValueError(msg)
+    return password
 
 
 class LedgerSettings(_Section):
@@ -379,6 +447,8 @@ def _absolutize(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         return value
 
     out = dict(raw)
+    if isinstance(out.get("api"), dict):
+        out["api"] = {k: fix(v) if k in ("proxy_password_file", "ca_file") else v for k, v in out["api"].items()}
     if isinstance(out.get("ledger"), dict):
         ledger = dict(out["ledger"])
         for key in ("path", "staging_dir"):

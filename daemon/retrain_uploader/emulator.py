@@ -18,6 +18,7 @@ import io
 import math
 import secrets
 import signal
+import ssl
 import time
 import uuid
 import zipfile
@@ -126,10 +127,18 @@ class Emulator:
         status_lag_s: float = 0.0,
         store_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
+        public_host: str | None = None,
+        storage_host: str | None = None,
     ) -> None:
         self._keys = dict(keys if keys is not None else {"demo-key": 1})
         self._key_states = dict.fromkeys(self._keys, "active")
         self._host, self._port = host, port
+        # Served over https with ssl_context; public_host names the API in base_url and storage_host the presigned
+        # upload and result URLs (names a proxy may resolve while this host cannot): both default to `host`.
+        self._ssl_context = ssl_context
+        self._public_host = public_host or host
+        self._storage_host = storage_host or self._public_host
         self._url_ttl_s, self._retrain_s, self._latency_s = url_ttl_s, retrain_s, latency_s
         self._store_dir, self._clock = store_dir, clock
         self._status_lag_s = status_lag_s
@@ -160,7 +169,7 @@ class Emulator:
         # No access log: it would print signed query strings. Cancel handlers of clients that went away.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
         await runner.setup()
-        await web.TCPSite(runner, self._host, self._port).start()
+        await web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context).start()
         self._runner = runner
         self._port = runner.addresses[0][1]
         log.info("emulator.started", base_url=self.base_url)
@@ -192,7 +201,18 @@ class Emulator:
         if self._port == 0:
             msg = "the emulator has not been started"
             raise RuntimeError(msg)
-        return f"http://{self._host}:{self._port}"
+        return self._url(self._public_host)
+
+    @property
+    def storage_url(self) -> str:
+        """Where presigned upload and result URLs point."""
+        return self._url(self._storage_host)
+
+    def _url(self, host: str) -> str:
+        if self._port == 0:
+            msg = "the emulator has not been started"
+            raise RuntimeError(msg)
+        return f"{'https' if self._ssl_context is not None else 'http'}://{host}:{self._port}"
 
     @property
     def keys(self) -> dict[str, int]:
@@ -263,7 +283,7 @@ class Emulator:
         )
         expires_at = self._clock() + ttl
         self._grants[path] = expires_at
-        return f"{self.base_url}{unsigned}{_SIGNATURE}{self._sign(unsigned, expires_at)}"
+        return f"{self.storage_url}{unsigned}{_SIGNATURE}{self._sign(unsigned, expires_at)}"
 
     def _sign(self, unsigned: str, expires_at: float) -> str:
         text = f"{unsigned}\n{expires_at!r}".encode()

@@ -6,7 +6,8 @@ import errno
 import random
 from dataclasses import dataclass
 
-from .client import ApiError, SourceChanged, TransportError, UploadStalled
+from .client import ApiError, ProxyAuthFailed, SourceChanged, TransportError, UploadStalled
+from .network import PROXY_AUTH_FAILED
 
 __all__ = [
     "CREDENTIAL_MESSAGES",
@@ -66,6 +67,9 @@ def classify(error: BaseException) -> Verdict:
         # The last byte never left, so nothing arrived: try again at once through a fresh URL (a stuck storage node
         # may sit behind the old one). With the whole body sent the outcome is unknown: settled like any lost answer.
         return RenewUrl(str(error))
+    if isinstance(error, ProxyAuthFailed):
+        # Every request goes through that proxy: nothing can succeed until its credentials are fixed (and reloaded).
+        return Pause(PROXY_AUTH_FAILED)
     if isinstance(error, TransportError):
         return Retry(str(error))
     if isinstance(error, SourceChanged):

@@ -27,6 +27,7 @@ from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import Job, Ledger, State
 from .metrics import Metrics, MetricsServer, Snapshot
+from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
 from .redact import register_secret
@@ -86,6 +87,7 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     async def run(self) -> int:
+        network = Network.from_settings(self.settings.api)  # the proxy password and CA bundle, read now
         self.ledger = Ledger(self.settings.ledger.path, lock=True)
         self.window = UploadWindow(
             self.settings.upload.timetable(),
@@ -103,6 +105,7 @@ class Service:
             request_timeout_s=self.settings.api.request_timeout_s,
             upload_read_timeout_s=self.settings.api.upload_read_timeout_s,
             throttle=self.window.bucket,
+            network=network,
         )
         self.runner = Runner(
             self.settings,
@@ -202,7 +205,17 @@ class Service:
             return False
 
     def _apply(self, new: Settings) -> bool:
+        # The way out (proxy, its password file, CAs) is applied now: a model paused by a 407 is tried again at once.
+        reloadable = {"proxy": new.api.proxy, "proxy_password_file": new.api.proxy_password_file}
+        reloadable["ca_file"] = new.api.ca_file
+        try:
+            self.runner.client.network = Network.from_settings(new.api)
+        except ConfigError as e:
+            log.error("config.reload_refused", error=str(e), action="keeping the running configuration")
+            self._notifier.send("READY=1", f"STATUS={self.summary()}")
+            return False
         fixed = {name: getattr(self.settings, name) for name in ("ledger", "pool", "api")}
+        fixed["api"] = self.settings.api.model_copy(update=reloadable)
         changed = sorted(name for name, value in fixed.items() if getattr(new, name) != value)
         if changed:
             log.warning("config.restart_needed", sections=changed, action="these keep their running values")
@@ -346,6 +359,13 @@ class Service:
         )
 
     def _pause(self, ctx: ModelContext, reason: str) -> None:
+        if reason == PROXY_AUTH_FAILED:  # one proxy for all: every model would fail the same way
+            for other in self.models.values():
+                self._pause_one(other, reason)
+        else:
+            self._pause_one(ctx, reason)
+
+    def _pause_one(self, ctx: ModelContext, reason: str) -> None:
         if ctx.paused_reason is None:
             ctx.paused_reason = reason
             self.ledger.set_paused(ctx.name, reason)
