@@ -17,7 +17,7 @@ from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
 from .history import DEFAULT_LISTING, job_document, job_story, job_table, parse_since
 from .journal import stderr_is_journal
-from .ledger import Ledger, LedgerLocked, State, iso, lock_held
+from .ledger import Ledger, LedgerLocked, LedgerUnreadable, State, iso, lock_held
 from .logs import configure, escape_surrogates, run_main
 
 __all__ = ["main"]
@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         _error("config.invalid", f"configuration error:\n{e}", error=str(e))
         return EXIT_CONFIG
+    except LedgerUnreadable as e:
+        _error("ledger.unreadable", str(e), error=str(e))
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 
@@ -205,10 +208,11 @@ def _warn_permissions(settings: Settings) -> list[str]:
     return loose
 
 
-def _open_ledger(settings: Settings) -> Ledger | None:
+def _open_ledger(settings: Settings, *, read_only: bool = True) -> Ledger | None:
+    """The ledger beside a running daemon: read-only for the commands that only look (`status`, `jobs`)."""
     if not settings.ledger.path.exists():
         return None
-    return Ledger(settings.ledger.path)
+    return Ledger(settings.ledger.path, read_only=read_only)
 
 
 def _emit(lines: Iterable[str]) -> None:
@@ -307,7 +311,7 @@ def _status_check(args: argparse.Namespace) -> int:
 def _on_job(args: argparse.Namespace, verb: str, action: Callable[[Settings, Ledger, int], list[str]]) -> int:
     """Run ``action`` on job ``args.id``; a missing ledger or job, or a refusal, is one clear line and exit 1."""
     settings = _settings(args)
-    ledger = _open_ledger(settings)
+    ledger = _open_ledger(settings, read_only=False)
     if ledger is None:
         print(f"retrain-uploader: no ledger at {settings.ledger.path}", file=sys.stderr)
         return EXIT_FAILURE

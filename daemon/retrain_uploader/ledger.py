@@ -27,8 +27,10 @@ __all__ = [
     "Job",
     "Ledger",
     "LedgerLocked",
+    "LedgerUnreadable",
     "StaleJob",
     "State",
+    "connect_read_only",
     "iso",
     "lock_held",
     "reference_header",
@@ -68,6 +70,33 @@ _SENT_OR_SENDING = tuple(sorted(_IN_FLIGHT | (AFTER_UPLOAD - {State.RETRAIN_FAIL
 
 class LedgerLocked(RuntimeError):
     """Another process holds this ledger."""
+
+
+class LedgerUnreadable(RuntimeError):
+    """The ledger cannot be read (read-only open): missing, unreadable, or of another schema version."""
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """``path`` opened read-only: no file is created or written beside it.
+
+    Without a ``-wal`` file no daemon has it open, and ``immutable=1`` reads it without creating ``-wal``/``-shm``;
+    with one, the daemon's ``-shm`` is shared (``mode=ro`` never writes the database).
+    """
+    if not path.is_file():
+        raise LedgerUnreadable(f"{path}: no ledger there")
+    idle = not path.with_name(path.name + "-wal").exists()
+    try:
+        db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro{'&immutable=1' if idle else ''}",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=5.0,
+        )
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+    except sqlite3.Error as e:
+        raise LedgerUnreadable(f"{path}: cannot read the ledger: {e}") from e
+    return db
 
 
 class StaleJob(LookupError):
@@ -249,10 +278,26 @@ def _now_iso(clock: Callable[[], float]) -> str:
 class Ledger:
     """The job ledger. ``lock=True`` (the daemon) takes an exclusive lock the kernel drops if the process dies."""
 
-    def __init__(self, path: Path, *, lock: bool = False, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, lock: bool = False, read_only: bool = False, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = path
         self._clock = clock
         self._lock_fd: int | None = None
+        if read_only:
+            # `status`, `jobs`, `status --check`: never create, migrate, lock or write (a monitoring user may only
+            # be able to read the ledger; a backup may hold its write lock).
+            self._db = connect_read_only(path)
+            self._db.row_factory = sqlite3.Row
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if version != SCHEMA_VERSION:
+                self._db.close()
+                which = "older" if version < SCHEMA_VERSION else "newer"
+                fix = "start the daemon once to update it" if version < SCHEMA_VERSION else "upgrade this program"
+                msg = f"{path}: the ledger's schema ({version}) is {which} than this program's ({SCHEMA_VERSION})"
+                msg += f"; {fix}"
+                raise LedgerUnreadable(msg)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if lock:
             self._lock_fd = _take_lock(path.with_name(path.name + ".lock"))

@@ -22,7 +22,7 @@ import structlog
 
 from .checks import InputError
 from .config import ModelSettings, Settings
-from .ledger import reference_header, sent_before
+from .ledger import LedgerUnreadable, connect_read_only, reference_header, sent_before
 from .packager import Package
 from .rules import model_rules
 from .runner import build_package, inbox_key
@@ -70,12 +70,9 @@ def _read_only(path: Path | None) -> Iterator[sqlite3.Connection | None]:
         yield None
         return
     try:
-        # No -wal file: no daemon has it open, and immutable=1 reads it without creating -wal/-shm beside it.
-        # With one, the daemon's -shm is shared (mode=ro never writes the database).
-        idle = not path.with_name(path.name + "-wal").exists()
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{'&immutable=1' if idle else ''}", uri=True)
-        db.execute("SELECT header FROM jobs LIMIT 0")  # schema 4 or later
-    except sqlite3.Error:
+        db = connect_read_only(path)
+        db.execute("SELECT header FROM jobs LIMIT 0")  # schema 5 or later
+    except (sqlite3.Error, LedgerUnreadable):
         yield None
         return
     try:
