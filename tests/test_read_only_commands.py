@@ -1,5 +1,6 @@
-"""Round-2 adversary reproductions (fail on the code as found). Real processes, a real SQLite file, a real read-only
-bind mount."""
+"""The commands that only look (status, jobs, jobs show, status --check) read a ledger they may not write: real
+processes, a real SQLite file, a real read-only bind mount. Each test failed before these commands opened it
+read-only."""
 
 from __future__ import annotations
 
