@@ -414,7 +414,9 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
 
     A tab-separated file may have a comma in a column name ("Murder (per 100,000)"): the first line alone would
     say comma. When neither agrees the old rule stands (tab if the first line has tabs and no commas), so the
-    shape check reports the ragged row. A file only ";" makes consistent is a European-locale export: refused.
+    shape check reports the ragged row. A file only ";" makes consistent is a European-locale export: refused; so is
+    one that comma also makes consistent (one comma in a column name, one decimal comma per row) when its ";"
+    values hold decimal-comma numbers ("1,5", "1.234,5").
     """
     window = buf[:_SNIFF_BYTES]
     lines = window.splitlines()
@@ -429,12 +431,22 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
         widths = {len(r) for r in csv.reader(io.StringIO(text), delimiter=candidate) if r}
         if len(widths) == 1 and widths.pop() >= 2 and len(lines) > 1:
             consistent.append(candidate)
-    if consistent == [";"]:
+    if consistent[-1:] == [";"] and (len(consistent) == 1 or _decimal_commas(text)):
         msg = (f"{tap.name}: the values are separated by semicolons (\";\"), as a European-locale Excel saves "
                "\"CSV\" (decimal commas); Prediction One reads comma- or tab-separated files: save it as "
                "\"CSV UTF-8 (comma delimited)\" or as tab-separated text and drop it again")
         raise InputError(msg, hint=HINT_SEMICOLON)
     return consistent[0] if consistent else default
+
+
+_DECIMAL_COMMA = re.compile(r"[+-]?(?:\d{1,3}(?:\.\d{3})+|\d+),\d+")
+
+
+def _decimal_commas(text: str) -> bool:
+    """Some value below the header, split at ";", is a number written with a decimal comma."""
+    rows = csv.reader(io.StringIO(text), delimiter=";")
+    next(rows, None)
+    return any(_DECIMAL_COMMA.fullmatch(value.strip()) for row in rows for value in row)
 
 
 @functools.cache
