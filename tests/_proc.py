@@ -172,10 +172,12 @@ class DaemonProcess:
         return self.proc.pid
 
     async def start(
-        self, *, ready: bool = True, timeout: float = 20.0, env: Mapping[str, str] | None = None
+        self, *, ready: bool = True, timeout: float = 20.0, env: Mapping[str, str] | None = None,
+        args: Iterable[str] = (), ready_event: str = "service.started",
     ) -> DaemonProcess:
-        """Start a new run; with ``ready``, wait for its ``service.started`` line (recovery is done by then).
-        ``env`` adds or overrides environment variables of the child (e.g. its log level)."""
+        """Start a new run; with ``ready``, wait for its ``ready_event`` line (``service.started``: recovery is done
+        by then). ``env`` adds or overrides environment variables of the child (e.g. its log level); ``args`` are
+        added to ``run`` (e.g. ``--dry-run``)."""
         assert not self.running, "still running"
         log_path = self.log_dir / f"{self.name}-run{len(self.logs) + 1}.log"
         self.logs.append(log_path)
@@ -184,12 +186,12 @@ class DaemonProcess:
         child_env.update(env or {})
         with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe must never stall the daemon
             self.proc = await asyncio.create_subprocess_exec(
-                *COMMAND, "run", "--config", str(self.config),
+                *COMMAND, "run", *args, "--config", str(self.config),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log, env=child_env,
             )
         if ready:
             await wait_for(
-                lambda: not self.running or self.logged("service.started"), timeout, "the daemon to start"
+                lambda: not self.running or self.logged(ready_event), timeout, "the daemon to start"
             )
             if not self.running:
                 raise AssertionError(f"the daemon exited with {self.returncode} at start:\n{self.tail()}")

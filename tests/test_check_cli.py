@@ -97,3 +97,24 @@ async def test_already_sent_from_the_ledger_read_only(tmp_path: Path, emulator: 
     assert f"already sent as job {job.id} (uploaded)" in line["warnings"][0]
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ledger_path.parent.iterdir()}
     assert after == before
+
+
+async def test_a_refusal_shows_what_to_do_in_both_outputs(tmp_path: Path, emulator: Emulator) -> None:
+    config = config_with_rules(tmp_path, emulator)
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("x,y,label\n1,2,yes\n3,4\n")
+    good = tmp_path / "good.csv"
+    good.write_text(GOOD)
+    advice = ("Fix row 3 of the file (it has 2 values, the header has 3: a missing or extra comma, or a value holding "
+              "a comma without double quotes), save it, and drop it into the inbox again.")
+    code, out, _ = await run_check("--config", str(config), "--json", str(ragged), str(good))
+    by_path = {line["path"]: line for line in map(json.loads, out.splitlines())}
+    assert code == 1
+    assert by_path[str(ragged)]["what_to_do"] == advice
+    assert by_path[str(good)]["what_to_do"] is None
+    code, out, _ = await run_check("--config", str(config), str(ragged))
+    assert code == 1
+    assert out == (f"REFUSED {ragged}\n        ragged.csv: row 3 has 2 columns, the header has 3; check for missing or "
+                   "extra commas, and put values that contain a comma in double quotes\n"
+                   f"        what to do: {advice}\n")
+    assert emulator.requests == []

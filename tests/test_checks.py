@@ -22,6 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retrain_uploader.checks import (
+    HINT_EMPTY,
+    HINT_NOT_CSV,
+    HINT_RESAVE_UTF8,
     CsvReport,
     InputError,
     check_csv,
@@ -523,3 +526,116 @@ def test_a_semicolon_export_with_decimal_commas_is_named(write: Callable[..., Pa
     data = b"name;price;weight\nA;1,5;2,25\nB;3,75;1,5\n"
     with pytest.raises(InputError, match=r"separated by semicolons"):
         check_csv(write(data))
+
+
+@pytest.mark.parametrize("data", [
+    b"name;price;weight\nA;1,5;2,25\nB;3,75;1,5\n",  # comma splits the rows unevenly
+    b"x;y;z\r\n1;2;a\r\n3,5;4;b\r\n5;6;c\r\n",  # one decimal comma, CRLF
+    b"x;y\r1.234,5;a\r2.000,25;b\r",  # thousands separators, CR-only
+    '\ufeffname;rate (per 100,000)\nÅ;1,5\nB;2,25\n'.encode(),  # comma gives 2 even columns too: a name, one decimal
+    "気温;時間 (per 1,000)\n1,5;朝\n3,5;夜\n".encode("cp932"),
+], ids=["uneven", "crlf", "cr-thousands", "header-comma", "cp932-header-comma"])
+def test_a_semicolon_export_is_named_whatever_its_decimal_commas(data: bytes) -> None:
+    with pytest.raises(InputError, match=r"separated by semicolons") as caught:
+        check_csv_stream(io.BytesIO(data), name="eu.csv")
+    assert caught.value.hint is not None and 'field delimiter ","' in caught.value.hint
+
+
+def test_a_comma_csv_whose_values_hold_semicolons_is_still_comma_separated() -> None:
+    report = check_csv_stream(io.BytesIO(b"a,b;c\n1,x;y\n2,p;q\n"), name="f.csv")
+    assert (report.delimiter, report.header) == (",", ("a", "b;c"))
+
+
+# -- line numbers as an editor shows them, and the real cause named (issue 10) -----------------------------------
+
+EOLS = pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+
+
+def refusal(data: bytes, chunk_size: int = 1 << 20, **kwargs: int) -> InputError:
+    with pytest.raises(InputError) as caught:
+        check_csv_stream(io.BytesIO(data), name="f.csv", chunk_size=chunk_size, **kwargs)
+    return caught.value
+
+
+@EOLS
+@pytest.mark.parametrize("chunk_size", SMALL_CHUNKS)
+def test_an_undecodable_byte_is_on_the_line_an_editor_shows(eol: bytes, chunk_size: int) -> None:
+    data = eol.join([b"a,b", b"1,2", b"3,4", b"5,\x81\x7f", b"6,7"]) + eol  # 81 7F: neither UTF-8 nor cp932
+    error = refusal(data, chunk_size)
+    assert re.findall(r"invalid at line (\d+)", str(error)) == ["4", "4"]
+    assert error.hint == HINT_RESAVE_UTF8
+
+
+@EOLS
+@pytest.mark.parametrize("chunk_size", [1, 7, 16])  # the screen works per chunk: lines longer than a chunk
+def test_a_line_too_long_is_numbered_as_an_editor_does(eol: bytes, chunk_size: int) -> None:
+    data = eol.join([b"a,b", b"1,2", b"x" * 100, b"3,4"]) + eol
+    error = refusal(data, chunk_size, max_line_bytes=50)
+    assert str(error) == ("f.csv: line 3 is longer than 50 bytes; this is not a usable CSV (binary data, or line "
+                          "breaks missing)")
+    assert error.hint == HINT_NOT_CSV
+
+
+@EOLS
+def test_a_ragged_row_after_a_quoted_line_break_names_its_row_and_line(eol: bytes) -> None:
+    data = eol.join([b"a,b", b'1,"two', b'lines"', b"3,4", b"5"]) + eol
+    error = refusal(data)
+    assert str(error).startswith("f.csv: row 4 (ending on line 5) has 1 column, the header has 2")
+    assert error.hint is not None and error.hint.startswith("Fix row 4 of the file (it has 1 value, the header has 2")
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("chunk_size", SMALL_CHUNKS)
+@pytest.mark.parametrize("bad", [b"5,x\ry", b"x\ry,5"], ids=["last-value", "first-value"])
+def test_a_lone_cr_inside_an_unquoted_value_is_named_with_its_row_and_line(eol: bytes, chunk_size: int,
+                                                                          bad: bytes) -> None:
+    data = eol.join([b"a,b", b'1,"two\nlines"', b"3,4", bad, b"6,7"]) + eol
+    error = refusal(data, chunk_size)
+    assert str(error) == (
+        "f.csv: row 4 (line 5) holds a carriage return (CR, \\r) alone inside an unquoted value, which ends the row "
+        "there, so the rest of the line is read as another row; remove the CR, or put the value in double quotes")
+    assert error.hint == ("Fix row 4 of the file (line 5: remove the carriage return (CR) inside a value, or put that "
+                          "value in double quotes), save it, and drop it into the inbox again.")
+
+
+def test_a_lone_cr_inside_quotes_is_data_and_a_ragged_row_beside_it_is_not_blamed_on_it() -> None:
+    report = check_csv_stream(io.BytesIO(b'a,b\n1,"x\ry"\n2,3\n'), name="f.csv")
+    assert report.rows == 2
+    error = refusal(b'a,b\n1,"x\ry",9\n')
+    assert str(error).startswith("f.csv: row 2 has 3 columns, the header has 2")
+
+
+@pytest.mark.parametrize(("data", "hint"), [
+    (b"", HINT_EMPTY),
+    (b"a,b\n", HINT_EMPTY),
+    (b"a,b\r\n\r\n", HINT_EMPTY),
+    (b"a,b\n1,\0\n", HINT_NOT_CSV),
+    ("name,city\nA,Curaçao\nB,Don\u2019t know\n".encode("cp1252"), HINT_RESAVE_UTF8),
+    (b"a,b\n1,2\n3,4,5\n", "Fix row 3 of the file (it has 3 values, the header has 2: a missing or extra comma, or "
+                           "a value holding a comma without double quotes), save it, and drop it into the inbox "
+                           "again."),
+    (b'a,b\n1,2\n3,"x"y\n', "Fix row 3 of the file (double the quotes inside a quoted value, and put a value that "
+                            "holds a comma, a quote or a line break in double quotes), save it, and drop it into the "
+                            "inbox again."),
+    (b"a,b\n1,2\n\n3,4\n", "Fix row 3 of the file (remove the empty rows between row 2 and row 4), save it, and drop "
+                           "it into the inbox again."),
+], ids=["empty", "header-only", "header-and-blank", "binary", "cp1252", "ragged", "quoting", "blank-row"])
+def test_each_refusal_says_what_to_do_about_it(data: bytes, hint: str) -> None:
+    for chunk_size in (3, 1 << 20):
+        assert refusal(data, chunk_size).hint == hint
+
+
+def test_a_quote_never_closed_may_be_a_file_cut_while_copied_and_says_so() -> None:
+    error = refusal(b'a,b\n1,2\n3,"unfinished\n')
+    assert error.hint is not None and error.hint.startswith("Fix row 3 of the file")
+    assert "copy it under a .part name" in error.hint
+
+
+def test_a_zip_with_the_wrong_layout_says_the_expected_layout(tmp_path: Path) -> None:
+    path = tmp_path / "bad.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("data/train.csv", "a,b\n1,2\n")
+    with pytest.raises(InputError, match=r"unexpected entry 'data/train\.csv'") as caught:
+        check_zip(path)
+    assert caught.value.hint is not None
+    assert "train_src/<training>.csv and, optionally, eval_src/<evaluation>.csv" in caught.value.hint

@@ -94,6 +94,7 @@ def test_a_re_save_that_decodes_as_cp932_is_refused_naming_its_encoding(text: st
         "ｶﾅ,ｺｰﾄﾞ\r\nﾔﾏﾀﾞ ﾀﾛｳ,ｱ\r\nｽｽﾞｷ,ｲ\r\n",
         "表,能,ソ\r\n表示,能力,ソフト\r\n",  # second byte 0x5C ("\\") in each
         "項目,値\r\nA型,1\r\nB社,2\r\n",
+        "本,値\r\n本ｱ本,1\r\n",  # 本 is 96 7B: "\u2013{" in cp1252 (found by test_written_tables_round_trip)
     ],
 )
 def test_genuine_cp932_still_passes(text: str) -> None:

@@ -154,3 +154,25 @@ def test_macos_zip_is_repacked_without_its_leftovers(tmp_path: Path) -> None:
         assert zf.namelist() == ["train_src/a.csv"]
         assert zf.read("train_src/a.csv").decode() == rows(["a", "b"])
     assert path.read_bytes() == before  # the source is only read
+
+
+@pytest.mark.parametrize(("rules", "values", "rule", "key"), [
+    (Rules(target="churn"), ["a", "b"], "target = 'churn'", "`target`"),
+    (Rules(target="label", task="binary"), ["a", "b", "c"], 'task = "binary"', "`task`"),
+    (Rules(target="label", task="multiclass"), ["a", "b"], 'task = "multiclass"', "`task`"),
+    (Rules(target="label", task="multiclass"), [str(i) for i in range(201)] * 2, 'task = "multiclass"', "`task`"),
+    (Rules(target="label", task="regression"), ["1", "2 kg"], 'task = "regression"', "`task`"),
+    (Rules(target="label", max_empty_target_ratio=0.2), ["1", "", ""], "max_empty_target_ratio = 0.2",
+     "`max_empty_target_ratio`"),
+    (Rules(reference=("x", "y", "label", "z")), ["1"], 'columns = "no_missing"', "`columns` (or `header_file`)"),
+    (Rules(reference=("x", "label"), columns="same"), ["1"], 'columns = "same"', "`columns` (or `header_file`)"),
+], ids=["target", "binary", "multiclass-few", "multiclass-many", "regression", "empty", "no_missing", "same"])
+def test_a_rule_refusal_says_which_rule_and_which_config_key(
+    tmp_path: Path, rules: Rules, values: list[str], rule: str, key: str
+) -> None:
+    with pytest.raises(InputError) as caught:
+        check_csv(write(tmp_path, "a.csv", rows(values)), rules=rules)
+    hint = caught.value.hint
+    assert hint is not None
+    assert hint.startswith(f"The file breaks the model's rule {rule} (its [[models]] entry in the config). ")
+    assert f"change {key} in the config" in hint

@@ -29,8 +29,8 @@ from .rules import RuleError, Rules, TargetStats
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-__all__ = ["CsvReport", "InputError", "check_csv", "check_csv_stream", "check_same_header", "excerpt",
-           "open_regular"]
+__all__ = ["HINT_EMPTY", "HINT_NOT_CSV", "HINT_RESAVE_UTF8", "CsvReport", "InputError", "check_csv",
+           "check_csv_stream", "check_same_header", "excerpt", "fix_row_hint", "open_regular"]
 
 MAX_LINE_BYTES = 8 << 20
 # The byte-level fast path has no field size limit; let the csv module (the slow path) accept what it does.
@@ -39,7 +39,43 @@ csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
 
 
 class InputError(ValueError):
-    """The input cannot be uploaded as it is; the message says what is wrong, where, and what to do."""
+    """The input cannot be uploaded as it is; the message says what is wrong and where.
+
+    ``hint`` is what the user should do about this failure (the error file's ``what_to_do``), or None when the
+    caller's general advice fits (e.g. a file cut short while being copied).
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+HINT_RESAVE_UTF8 = (
+    "Re-save the file as UTF-8 CSV and drop it again: in Excel, File > Save As > \"CSV UTF-8 (comma delimited) "
+    "(*.csv)\"; in LibreOffice Calc, File > Save As > \"Text CSV\", tick \"Edit filter settings\" and choose "
+    "the character set \"Unicode (UTF-8)\"; in Numbers, File > Export To > CSV with text encoding \"Unicode "
+    "(UTF-8)\"."
+)
+HINT_NOT_CSV = (
+    "This is not a CSV text file (for example an .xlsx workbook renamed to .csv, UTF-16 \"Unicode Text\", or "
+    "another binary file). Open it in its application, save it as \"CSV UTF-8 (comma delimited)\" and drop "
+    "that file."
+)
+HINT_EMPTY = (
+    "The export is empty: it holds no data rows. Check the query, filter or sheet the export was made from, "
+    "export again with the data rows below the header row, and drop the new file."
+)
+HINT_SEMICOLON = (
+    "Export it again comma-separated, with \".\" as the decimal mark (Prediction One reads \"1,5\" as text, "
+    "not a number): in LibreOffice Calc, File > Save As > \"Text CSV\" with field delimiter \",\"; Excel "
+    "uses the Windows list separator and decimal symbol (Settings > Region > Additional settings: list "
+    "separator \",\", decimal symbol \".\"). Then drop the new file."
+)
+
+
+def fix_row_hint(row: int, what: str) -> str:
+    """The ``what_to_do`` for a problem in one row of a CSV."""
+    return f"Fix row {row} of the file ({what}), save it, and drop it into the inbox again."
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +101,29 @@ def open_regular(path: Path) -> BinaryIO:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except PermissionError as e:
         msg = f"{path}: permission denied; make the file readable by the user the daemon runs as"
-        raise InputError(msg) from e
+        raise InputError(msg, hint="Make the file readable by the user the daemon runs as, then drop it again.") from e
     except OSError as e:
         if e.errno == errno.ELOOP:
             msg = f"{path}: is a symbolic link, which is never followed; drop the file itself instead"
-            raise InputError(msg) from e
+            hint = "Drop the file itself (copied or moved into the inbox), not a link to it."
+            raise InputError(msg, hint=hint) from e
         if e.errno == errno.ENXIO:  # a unix socket
             msg = f"{path}: not a regular file (a socket); drop a regular file"
-            raise InputError(msg) from e
+            raise InputError(msg, hint=_HINT_REGULAR) from e
         raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             msg = f"{path}: not a regular file ({_kind(mode)}); drop a regular file"
-            raise InputError(msg)
+            raise InputError(msg, hint=_HINT_REGULAR)
         os.set_blocking(fd, True)
         return open(fd, "rb", buffering=0)
     except BaseException:
         os.close(fd)
         raise
+
+
+_HINT_REGULAR = "Drop a regular file (a CSV or a zip), not a folder, FIFO, socket or device."
 
 
 def _kind(mode: int) -> str:
@@ -92,6 +132,17 @@ def _kind(mode: int) -> str:
 
 
 _NON_ASCII_LINE = re.compile(rb"[^\n]*[\x80-\xff][^\n]*\n")
+
+
+def _line_end(data: bytes) -> bytes | None:
+    """The line break an editor would see in ``data``: b"\\r" for a CR-only (classic Mac) file, else b"\\n" (LF or
+    CRLF); None when ``data`` holds none yet, or ends in a CR whose next byte decides."""
+    cr, lf = data.find(b"\r"), data.find(b"\n")
+    if cr < 0:
+        return None if lf < 0 else b"\n"
+    if 0 <= lf < cr or data[cr + 1 : cr + 2] == b"\n":
+        return b"\n"
+    return b"\r" if cr + 1 < len(data) else None
 
 
 class _Undecodable(Exception):
@@ -109,7 +160,9 @@ class _Tap(io.RawIOBase):
         self._raw, self.name, self.encoding, self.chunk_size = raw, name, encoding, chunk_size
         self.max_line, self._update, self._sink = max_line, update, sink
         self._decoder: codecs.IncrementalDecoder | None = codecs.getincrementaldecoder(encoding)()
-        self.size = self.lines = self._run = 0
+        self.size = self.lines = self._run = 0  # lines: line breaks so far, as an editor counts them (see eol)
+        self.eol: bytes | None = None  # b"\n" (LF and CRLF files) or b"\r" (CR-only files), once seen
+        self._eol_cr = False  # the last chunk ended in a CR that may be the first half of a CRLF
         self.head = b""  # the first bytes, to tell a BOM
         self._pushback = b""
         # Lines holding non-ASCII bytes, to judge whether a file that decodes as cp932 really is cp932.
@@ -124,7 +177,7 @@ class _Tap(io.RawIOBase):
         try:
             self.target_index = self.rules.start(header)
         except RuleError as e:
-            raise InputError(f"{self.name}: {e}") from None
+            raise InputError(f"{self.name}: {e}", hint=e.hint) from None
         self.stats = TargetStats()
 
     def feed(self, values: list[str]) -> None:
@@ -151,8 +204,21 @@ class _Tap(io.RawIOBase):
         while self.take():
             pass
 
+    def breaks(self, data: bytes, end: int | None = None) -> int:
+        """Line breaks in ``data[:end]`` as an editor counts them."""
+        return data.count(self.eol or b"\n", 0, len(data) if end is None else end)
+
+    def _settle_eol(self, data: bytes) -> None:
+        if self.eol is None and data:
+            pending_cr = self._eol_cr
+            self.eol = (b"\n" if data[:1] == b"\n" else b"\r") if pending_cr else _line_end(data)
+            self._eol_cr = self.eol is None and data.endswith(b"\r")
+            if pending_cr and self.eol == b"\r":
+                self.lines += 1  # the previous chunk ended in the file's first line break, a CR
+
     def take(self, n: int = 0) -> bytes:
         data = self._raw.read(n or self.chunk_size)
+        self._settle_eol(data)
         if self._update is not None:
             self._screen(data)
             self._update(data)
@@ -162,7 +228,7 @@ class _Tap(io.RawIOBase):
         if self.sample is not None and len(self.sample) < SAMPLE_BYTES:
             self._collect(data)
         self.size += len(data)
-        self.lines += data.count(b"\n")
+        self.lines += self.breaks(data)
         if len(self.head) < len(codecs.BOM_UTF8):
             self.head += data[: len(codecs.BOM_UTF8) - len(self.head)]
         pending = 0 if self._decoder is None else len(self._decoder.getstate()[0])
@@ -173,7 +239,7 @@ class _Tap(io.RawIOBase):
             except UnicodeDecodeError as e:
                 self._decoder = None
                 at = e.start - pending  # e.start counts from the bytes held back from the previous chunk
-                raise _Undecodable(start + at, lines + data.count(b"\n", 0, max(at, 0)) + 1) from e
+                raise _Undecodable(start + at, lines + self.breaks(data, max(at, 0)) + 1) from e
         return data
 
     def _collect(self, data: bytes) -> None:
@@ -189,15 +255,15 @@ class _Tap(io.RawIOBase):
         if nul >= 0:
             msg = (f"{self.name}: contains a NUL byte (byte offset {self.size + nul}), so it is binary "
                    "data, not CSV text, e.g. UTF-16 \"Unicode text\"; save it as UTF-8 CSV")
-            raise InputError(msg)
+            raise InputError(msg, hint=HINT_NOT_CSV)
         # Bounds what a parser must hold for one line (to within one chunk).
         brk = max(data.rfind(b"\n"), data.rfind(b"\r"))
         self._run = self._run + len(data) if brk < 0 else len(data) - brk - 1
         if self._run > self.max_line:
-            line = self.lines + data.count(b"\n") + 1
+            line = self.lines + self.breaks(data) + 1
             msg = (f"{self.name}: line {line} is longer than {self.max_line} bytes; "
                    "this is not a usable CSV (binary data, or line breaks missing)")
-            raise InputError(msg)
+            raise InputError(msg, hint=HINT_NOT_CSV)
 
 
 def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], object] | None = None,
@@ -245,19 +311,19 @@ def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], objec
             named = f"; it looks like {guess}" if guess else ""
             msg = (f"{name}: the text is neither UTF-8 (invalid at {utf8_error.where}) nor Shift_JIS/cp932 "
                    f"(invalid at {cp932_error.where}){named}; {RESAVE}")
-            raise InputError(msg) from cp932_error
+            raise InputError(msg, hint=HINT_RESAVE_UTF8) from cp932_error
         assert replay.sample is not None
         misread = likely_misread(bytes(replay.sample))
         if misread is not None:
             msg = (f"{name}: the text is not UTF-8, and read as Shift_JIS/cp932 it is garbled: it looks like "
                    f"{misread}; {RESAVE}")
-            raise InputError(msg) from utf8_error
+            raise InputError(msg, hint=HINT_RESAVE_UTF8) from utf8_error
         encoding = "cp932"
         done = replay
     try:
         warnings = rules.compare_header(header) + rules.verdict(done.stats)
     except RuleError as e:
-        raise InputError(f"{name}: {e}") from None
+        raise InputError(f"{name}: {e}", hint=e.hint) from None
     return CsvReport(size_bytes=tap.size, sha256=hasher.hexdigest(), encoding=encoding,
                      delimiter=delimiter, columns=len(header), header=header, rows=rows, warnings=tuple(warnings),
                      target=done.stats if rules.target is not None else None)
@@ -303,7 +369,7 @@ def _scan(tap: _Tap) -> _Shape:
         region = buf[:cut] + (term if eof and buf and not buf.endswith(b"\n") else b"")
         n = _fast_rows(region, pattern) if cut else None
         if n is None:
-            return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - buf.count(b"\n"), delimiter)
+            return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - tap.breaks(buf), delimiter)
         if tap.target_index is not None and n:
             if b'"' in region:
                 tap.feed(_column(region, delimiter, tap.target_index, tap.encoding))
@@ -312,7 +378,8 @@ def _scan(tap: _Tap) -> _Shape:
                                    tap.encoding)
         rows, buf = rows + n, buf[cut:]
     if rows == 0:
-        raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header")
+        raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header",
+                         hint=HINT_EMPTY)
     return delimiter, header, rows
 
 
@@ -347,7 +414,9 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
 
     A tab-separated file may have a comma in a column name ("Murder (per 100,000)"): the first line alone would
     say comma. When neither agrees the old rule stands (tab if the first line has tabs and no commas), so the
-    shape check reports the ragged row. A file only ";" makes consistent is a European-locale export: refused.
+    shape check reports the ragged row. A file only ";" makes consistent is a European-locale export: refused; so is
+    one that comma also makes consistent (one comma in a column name, one decimal comma per row) when its ";"
+    values hold decimal-comma numbers ("1,5", "1.234,5").
     """
     window = buf[:_SNIFF_BYTES]
     lines = window.splitlines()
@@ -362,12 +431,22 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
         widths = {len(r) for r in csv.reader(io.StringIO(text), delimiter=candidate) if r}
         if len(widths) == 1 and widths.pop() >= 2 and len(lines) > 1:
             consistent.append(candidate)
-    if consistent == [";"]:
+    if consistent[-1:] == [";"] and (len(consistent) == 1 or _decimal_commas(text)):
         msg = (f"{tap.name}: the values are separated by semicolons (\";\"), as a European-locale Excel saves "
                "\"CSV\" (decimal commas); Prediction One reads comma- or tab-separated files: save it as "
                "\"CSV UTF-8 (comma delimited)\" or as tab-separated text and drop it again")
-        raise InputError(msg)
+        raise InputError(msg, hint=HINT_SEMICOLON)
     return consistent[0] if consistent else default
+
+
+_DECIMAL_COMMA = re.compile(r"[+-]?(?:\d{1,3}(?:\.\d{3})+|\d+),\d+")
+
+
+def _decimal_commas(text: str) -> bool:
+    """Some value below the header, split at ";", is a number written with a decimal comma."""
+    rows = csv.reader(io.StringIO(text), delimiter=";")
+    next(rows, None)
+    return any(_DECIMAL_COMMA.fullmatch(value.strip()) for row in rows for value in row)
 
 
 @functools.cache
@@ -434,25 +513,28 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
         first = text.readline()
         if not first:
             what = "the file is empty" if tap.size == 0 else "there is no header row"
-            raise InputError(f"{tap.name}: {what}; drop a CSV with a header row and at least one data row")
-        reader = csv.reader(itertools.chain((first,), text), delimiter=delimiter, strict=True)
+            raise InputError(f"{tap.name}: {what}; drop a CSV with a header row and at least one data row",
+                             hint=HINT_EMPTY)
+        lines = _EditorLines(itertools.chain((first,), text), tap, line0)
     else:
         delimiter, header = known
-        reader = csv.reader(text, delimiter=delimiter, strict=True)
+        lines = _EditorLines(text, tap, line0)
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     n = 0 if known is None else row0 - 1
     try:
         if known is None:
             header = tuple(next(reader))
             if not any(cell.strip() for cell in header):
                 msg = f"{tap.name}: row 1 is empty; the first row must be the header (the column names)"
-                raise InputError(msg)
+                raise InputError(msg, hint=fix_row_hint(1, "the first row must hold the column names"))
             n = row0 - 1
             tap.begin(header)
         index, batch = tap.target_index, []
         for n, row in enumerate(reader, row0):
             if len(row) != len(header):
                 if row:
-                    raise InputError(_ragged(tap.name, n, line0 + reader.line_num, len(row), len(header), delimiter))
+                    raise _lone_cr(tap.name, n, row, lines) or _ragged(tap.name, n, lines.line, len(row),
+                                                                        len(header), delimiter)
                 _only_blank_lines_left(reader, tap.name, n)
                 rows = n - 2
                 break
@@ -466,11 +548,18 @@ def _slow(tap: _Tap, pushback: bytes, known: tuple[str, tuple[str, ...]] | None,
         if batch:
             tap.feed(batch)
     except csv.Error as e:
-        msg = (f"{tap.name}: row {n + 1}: {e}; a value holding {_delimiter_name(delimiter)}s, quotes or line "
+        where = f"row {n + 1}" + (f" (line {lines.line})" if lines.line != n + 1 else "")
+        msg = (f"{tap.name}: {where}: {e}; a value holding {_delimiter_name(delimiter)}s, quotes or line "
                "breaks must be in double quotes, with each inner quote doubled (\"\")")
-        raise InputError(msg) from e
+        hint = fix_row_hint(n + 1, "double the quotes inside a quoted value, and put a value that holds a "
+                            f"{_delimiter_name(delimiter)}, a quote or a line break in double quotes")
+        if "unexpected end of data" in str(e):  # a quote never closed, or the end of the file is missing
+            hint = (f"{hint} If the file was still being copied when the daemon took it, copy it under a .part "
+                    "name and rename it when complete, or raise [watch] settle_s.")
+        raise InputError(msg, hint=hint) from e
     if rows == 0:
-        raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header")
+        raise InputError(f"{tap.name}: has a header row but no data rows; add the data below the header",
+                         hint=HINT_EMPTY)
     return delimiter, header, rows
 
 
@@ -478,14 +567,67 @@ def _only_blank_lines_left(reader: Iterator[list[str]], name: str, blank: int) -
     for n, row in enumerate(reader, blank + 1):
         if row:
             msg = f"{name}: row {blank} is empty but data rows follow it (row {n}); remove the empty lines"
-            raise InputError(msg)
+            what = f"remove the empty rows between row {blank - 1} and row {n}"
+            raise InputError(msg, hint=fix_row_hint(blank, what))
 
 
-def _ragged(name: str, n: int, line: int, got: int, cols: int, delimiter: str) -> str:
+class _EditorLines:
+    """The csv module's input lines, numbered as an editor numbers them.
+
+    The csv module ends a line at CR, LF or CRLF alike; an editor showing a file whose lines end with LF or CRLF
+    does not end one at a CR alone (it shows ^M). ``line`` is the editor line of the last line handed out.
+    """
+
+    __slots__ = ("_lines", "_open", "_tap", "line", "lone_cr", "pieces")
+
+    def __init__(self, lines: Iterator[str], tap: _Tap, line0: int) -> None:
+        self._lines, self._tap, self.line = lines, tap, line0
+        self.pieces = 0  # lines handed out as the csv module counts them (its line_num)
+        self.lone_cr: tuple[int, int] | None = None  # (pieces, line) when the last CR alone was handed out
+        self._open = False  # the last piece ended in a CR alone: the editor line goes on
+
+    def __iter__(self) -> _EditorLines:
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._lines)
+        self.pieces += 1
+        if not self._open:
+            self.line += 1
+        self._open = piece[-1] == "\r" and self._tap.eol != b"\r"
+        if self._open:
+            self.lone_cr = (self.pieces, self.line)
+        return piece
+
+
+def _lone_cr(name: str, n: int, row: list[str], lines: _EditorLines) -> InputError | None:
+    """Row ``n`` is ragged: an InputError naming the cause if a CR alone outside quotes split this row or the one
+    before (the csv module ends a row there), else None."""
+    if lines.lone_cr is None:
+        return None
+    piece, line = lines.lone_cr
+    inner = sum(v.count("\n") + v.count("\r") - v.count("\r\n") for v in row)  # line breaks quoted in row n
+    if piece == lines.pieces:
+        split = n  # the CR ended row n: the rest of its line was read as row n + 1
+    elif piece == lines.pieces - inner - 1:
+        split = n - 1  # the CR ended row n - 1: row n is the rest of that line
+    else:
+        return None
+    msg = (f"{name}: row {split} (line {line}) holds a carriage return (CR, \\r) alone inside an unquoted value, "
+           "which ends the row there, so the rest of the line is read as another row; remove the CR, or put the "
+           "value in double quotes")
+    what = f"line {line}: remove the carriage return (CR) inside a value, or put that value in double quotes"
+    return InputError(msg, hint=fix_row_hint(split, what))
+
+
+def _ragged(name: str, n: int, line: int, got: int, cols: int, delimiter: str) -> InputError:
     where = f"row {n}" if line == n else f"row {n} (ending on line {line})"
     d = _delimiter_name(delimiter)
-    return (f"{name}: {where} has {got} column{'s' * (got != 1)}, the header has {cols}; check for missing or "
-            f"extra {d}s, and put values that contain a {d} in double quotes")
+    msg = (f"{name}: {where} has {got} column{'s' * (got != 1)}, the header has {cols}; check for missing or "
+           f"extra {d}s, and put values that contain a {d} in double quotes")
+    what = f"it has {got} value{'s' * (got != 1)}, the header has {cols}: a missing or extra {d}, or a value " \
+           f"holding a {d} without double quotes"
+    return InputError(msg, hint=fix_row_hint(n, what))
 
 
 def _delimiter_name(delimiter: str) -> str:
@@ -505,14 +647,16 @@ def check_same_header(train: CsvReport, eval_: CsvReport, *, train_name: str, ev
     if train.header == eval_.header:
         return
     fix = "the evaluation data must have the same columns, in the same order, as the training data"
+    hint = (f"Give {eval_name} exactly the header row of {train_name} (the same column names in the same order), "
+            "then drop both files again.")
     if train.columns != eval_.columns:
         msg = f"{eval_name} has {eval_.columns} columns but {train_name} has {train.columns}; {fix}"
-        raise InputError(msg)
+        raise InputError(msg, hint=hint)
     i = next(i for i, (a, b) in enumerate(zip(train.header, eval_.header, strict=True)) if a != b)
     msg = (f"{eval_name} and {train_name} have different headers: column {i + 1} is "
            f"{excerpt(eval_.header[i])} in {eval_name} but {excerpt(train.header[i])} in {train_name}; "
            f"{fix}")
-    raise InputError(msg)
+    raise InputError(msg, hint=hint)
 
 
 def excerpt(cell: str, limit: int = 40) -> str:

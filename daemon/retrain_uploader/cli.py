@@ -385,6 +385,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"{'OK     ' if v.ok else 'REFUSED'} {v.path}" + (f" -> {v.upload_filename}" if v.ok else ""))
         if v.reason:
             print(f"        {v.reason}")
+        if v.what_to_do:
+            print(f"        what to do: {v.what_to_do}")
         for warning in v.warnings:
             print(f"        warning: {warning}")
     return EXIT_OK if all(v.ok for v in verdicts) else EXIT_FAILURE

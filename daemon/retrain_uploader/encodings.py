@@ -29,6 +29,8 @@ SAMPLE_BYTES = 256 << 10  # of lines holding non-ASCII bytes; enough for a verdi
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 # Marks common in Latin text. Rare ones (±, ¬, ¤...) are left out: they are cp932 half-width katakana (ｱ, ｬ, ､).
 _TYPOGRAPHIC = set("’‘“”–—…€•™°£§©®«»½²³·")
+# ASCII punctuation that is also a cp932 second byte (0x40-0x7E): rare right after a Latin mark or letter.
+_CP932_TRAIL_PUNCT = set("@[\\]^_`{|}~")
 _HW_PUNCT = set("｡｢｣､･")  # U+FF61-FF65: EUC-JP's lead bytes 0xA1-0xA5 read as cp932
 _DAKUTEN_OK = set("ｳｶｷｸｹｺｻｼｽｾｿﾀﾁﾂﾃﾄﾊﾋﾌﾍﾎ")
 _HANDAKUTEN_OK = set("ﾊﾋﾌﾍﾎ")
@@ -169,8 +171,9 @@ def _latin_score(text: str) -> float:
     for m in _NON_ASCII_RUN.finditer(text):
         run = m.group()
         after = text[m.end()] if m.end() < len(text) else ""
-        if len(run) > 2 or after == "\\":
-            score -= len(run)  # Latin text has lone accented letters; "‚ ‚¢" or "•\" is cp932 read as cp1252
+        if len(run) > 2 or (after and after in _CP932_TRAIL_PUNCT):
+            # Latin text has lone accented letters; "‚ ‚¢", "•\" (表) or "–{" (本) is cp932 read as cp1252.
+            score -= len(run)
             continue
         for c in run:
             if c in _TYPOGRAPHIC or (unicodedata.category(c).startswith("L") and "LATIN" in unicodedata.name(c, "")):

@@ -40,6 +40,7 @@ class Verdict:
     path: str
     ok: bool
     reason: str | None = None
+    what_to_do: str | None = None  # for a refusal: the advice the daemon's error file would give
     warnings: list[str] = field(default_factory=list)
     upload_filename: str | None = None
     size_bytes: int | None = None
@@ -53,6 +54,7 @@ class Verdict:
             "path": self.path,
             "ok": self.ok,
             "reason": self.reason,
+            "what_to_do": self.what_to_do,
             "warnings": self.warnings,
             "upload_filename": self.upload_filename,
             "size_bytes": self.size_bytes,
@@ -93,6 +95,7 @@ def _judge(
         rules = model_rules(model, last) if model is not None else None
     except (ValueError, sqlite3.Error) as e:
         verdict.reason = str(e)
+        verdict.what_to_do = "Fix `header_file` in the config (or make the ledger readable), then check again."
         return verdict
     paths = [folder / name for name in candidate.sources]
     try:
@@ -101,9 +104,11 @@ def _judge(
                                          rules or model_rules(_NO_RULES, None), job_id=0, staging_dir=Path(tmp))
     except InputError as e:
         verdict.reason = str(e)
+        verdict.what_to_do = e.hint or "Fix the file, then check it again."
         return verdict
     except FileNotFoundError as e:
         verdict.reason = f"{e.filename}: no such file"
+        verdict.what_to_do = "Give the path of an existing file."
         return verdict
     verdict.ok = True
     verdict.warnings = list(pkg.warnings) + [f"macOS leftovers removed when packaging: {', '.join(pkg.removed_entries)}"
@@ -124,6 +129,7 @@ def _judge_reading(candidate: Candidate, settings: Settings, model: ModelSetting
         return _judge(candidate, model.inbox, settings, model, db, candidate.upload_filename)
 
 
+_REJECT_HINT = "Drop a .csv, a .zip, or a pair NAME.train.csv + NAME.eval.csv with a UTF-8 name."
 _NO_RULES = ModelSettings(name="none", inbox=Path("/nonexistent/retrain-uploader-check"), api_key_env="UNUSED")
 
 
@@ -154,13 +160,17 @@ def check_paths(paths: Sequence[Path], settings: Settings | None, model_name: st
             for half in found.halves:
                 other = "eval" if ".train." in half.lower() else "train"
                 verdicts.append(Verdict(path=str(folder / half), ok=False, kind="pair",
-                                        reason=f"{half}: one half of a pair; give its NAME.{other}.csv too"))
+                                        reason=f"{half}: one half of a pair; give its NAME.{other}.csv too",
+                                        what_to_do=f"Check (and drop) it together with its NAME.{other}.csv."))
             for reject in found.rejects:
-                verdicts.append(Verdict(path=str(folder / reject.name), ok=False, reason=reject.reason))
+                verdicts.append(Verdict(path=str(folder / reject.name), ok=False, reason=reject.reason,
+                                        what_to_do=_REJECT_HINT))
             for name in names:
                 if is_ignored(name):
                     verdicts.append(Verdict(path=str(folder / name), ok=False,
-                                            reason="a hidden or temporary name: the daemon ignores it"))
+                                            reason="a hidden or temporary name: the daemon ignores it",
+                                            what_to_do="Give it a name that does not start with \".\" nor end in "
+                                                       "a temporary suffix (.part, .tmp, ~, ...)."))
     return verdicts
 
 

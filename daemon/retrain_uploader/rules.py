@@ -49,7 +49,20 @@ Columns = Literal["no_missing", "same", "any"]
 
 
 class RuleError(ValueError):
-    """The file breaks one of the model's rules (checks turns it into an InputError naming the file)."""
+    """The file breaks one of the model's rules (checks turns it into an InputError naming the file).
+
+    ``hint`` is the error file's ``what_to_do``: it names the rule and the config key that set it.
+    """
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _rule_hint(rule: str, fix: str, key: str) -> str:
+    return (f"The file breaks the model's rule {rule} (its [[models]] entry in the config). {fix}, then drop it "
+            f"into the inbox again; or, if the rule is wrong, change {key} in the config, reload the daemon and "
+            "drop the file again.")
 
 
 @dataclass(slots=True)
@@ -92,7 +105,9 @@ class Rules:
             shown = ", ".join(repr(h) for h in header[:30]) + (", …" if len(header) > 30 else "")
             msg = (f"has no target column {self.target!r} (the model's `target`); its header is {shown}. "
                    "Rename the column or fix `target` in the config")
-            raise RuleError(msg) from None
+            hint = _rule_hint(f"target = {self.target!r}", f"Name the column to predict {self.target!r} in the "
+                              "header row (or add it)", "`target`")
+            raise RuleError(msg, hint=hint) from None
 
     def feed(self, stats: TargetStats, values: list[str]) -> None:
         """Account for the next ``values`` of the target column, in file order."""
@@ -144,28 +159,37 @@ class Rules:
             if ratio > self.max_empty_target_ratio:
                 msg = (f"{text}, more than max_empty_target_ratio {self.max_empty_target_ratio:g}; fill in the "
                        "target values (rows without a target teach the model nothing)")
-                raise RuleError(msg)
+                raise RuleError(msg, hint=_rule_hint(
+                    f"max_empty_target_ratio = {self.max_empty_target_ratio:g}",
+                    f"Fill in the {t} values (or remove the rows that have none)", "`max_empty_target_ratio`"))
             warnings.append(text)
         if self.task == "binary" and len(stats.first_classes) != 2:
             msg = (f"task is binary but target {t} has {len(stats.first_classes)} distinct value(s) in the first "
                    f"{FIRST_ROWS} data rows ({_some(stats.first_classes)}); binary classification needs exactly 2 "
                    "there (Prediction One decides the task from those rows)")
-            raise RuleError(msg)
+            raise RuleError(msg, hint=_rule_hint(
+                'task = "binary"', f"Make {t} hold exactly 2 distinct values in the first {FIRST_ROWS} data rows "
+                "(fix stray values, or sort the rows so that both classes appear near the top)", "`task`"))
         if self.task == "multiclass":
             if len(stats.first_classes) < 3:
                 msg = (f"task is multiclass but target {t} has {len(stats.first_classes)} distinct value(s) in the "
                        f"first {FIRST_ROWS} data rows ({_some(stats.first_classes)}); multiclass needs at least 3 "
                        "there: put rows of every class near the top")
-                raise RuleError(msg)
+                raise RuleError(msg, hint=_rule_hint(
+                    'task = "multiclass"', f"Put rows of at least 3 classes of {t} in the first {FIRST_ROWS} data "
+                    "rows (e.g. shuffle the rows)", "`task`"))
             if len(stats.classes) > MAX_CLASSES:
                 msg = (f"target {t} has more than {MAX_CLASSES} distinct values; Prediction One does not support more"
                        f" than {MAX_CLASSES} classes")
-                raise RuleError(msg)
+                raise RuleError(msg, hint=_rule_hint(
+                    'task = "multiclass"', f"Group the values of {t} into at most {MAX_CLASSES} classes", "`task`"))
         if self.task == "regression" and stats.not_number is not None:
             row, value = stats.not_number
             msg = (f"task is regression but target {t} is not a number in row {row} ({_short(value)}); every "
                    "non-empty target value must be numeric (no units or thousands separators)")
-            raise RuleError(msg)
+            raise RuleError(msg, hint=_rule_hint(
+                'task = "regression"', f"Make row {row}'s {t} value a plain number (like 1234.5, no units or "
+                "thousands separators), and every other non-empty one", "`task`"))
         return warnings
 
     def compare_header(self, header: Sequence[str]) -> list[str]:
@@ -183,11 +207,13 @@ def compare_columns(header: Sequence[str], reference: Sequence[str], mode: Colum
     if missing:
         msg = (f"column(s) {_list(missing)} of the model's reference header{where} are missing or renamed; "
                "restore them (the model was trained with them)")
-        raise RuleError(msg)
+        fix = f"Restore the column(s) {_list(missing)} with the reference header's names"
+        raise RuleError(msg, hint=_rule_hint(f'columns = "{mode}"', fix, "`columns` (or `header_file`)"))
     if new and mode == "same":
         msg = (f"column(s) {_list(new)} are not in the model's reference header{where} and `columns = \"same\"`; "
                "remove them, or set columns = \"no_missing\"")
-        raise RuleError(msg)
+        hint = _rule_hint('columns = "same"', f"Remove the column(s) {_list(new)}", "`columns` (or `header_file`)")
+        raise RuleError(msg, hint=hint)
     return [f"new column(s) {_list(new)} not in the model's reference header{where}"] if new else []
 
 

@@ -260,7 +260,10 @@ class Runner:
             raise _Stopped from None
         except checks.InputError as e:
             self.ledger.update(job.id, source_ids=before)
-            raise _Failed(str(e), _HINTS["input"]) from e
+            # The check's own advice when it has one; _fail formats hints with {id}, so braces from the file's text
+            # (a column name, a value) are escaped.
+            hint = e.hint.replace("{", "{{").replace("}", "}}") if e.hint else _HINTS["input"]
+            raise _Failed(str(e), hint) from e
         except FileNotFoundError as e:
             self.ledger.update(job.id, source_ids=before)
             reason = f"a source file disappeared from the inbox before it was uploaded ({Path(e.filename or '?').name})"

@@ -17,6 +17,11 @@ __all__ = ["ZipReport", "check_zip", "member_name"]
 
 _FOLDERS = ("train_src", "eval_src")
 _HOW_TO_ZIP = "the zip may hold only train_src/<training>.csv and, optionally, eval_src/<evaluation>.csv"
+_LAYOUT_HINT = (
+    "Make the zip again with exactly this layout and nothing else: train_src/<training>.csv and, optionally, "
+    "eval_src/<evaluation>.csv (one CSV per folder, no other files or folders, no password). Or drop the CSV "
+    "itself, or NAME.train.csv with NAME.eval.csv, and the daemon zips them."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,7 @@ def _layout(
         parts = member.split("/")
         if "\\" in member or member.startswith("/") or ".." in parts or member[1:2] == ":":
             msg = f"{name}: entry {excerpt(member)} has an unsafe path (absolute, .. or \\); {_HOW_TO_ZIP}"
-            raise InputError(msg)
+            raise InputError(msg, hint=_LAYOUT_HINT)
         if _is_macos_junk(parts):
             junk.append(member)  # never read: resource forks and Finder settings, not data
             continue
@@ -109,27 +114,28 @@ def _layout(
             continue
         is_csv = len(parts) == 2 and parts[0] in _FOLDERS and parts[1].lower().endswith(".csv")
         if info.is_dir() or not is_csv:
-            raise InputError(f"{name}: unexpected entry {excerpt(member)}; {_HOW_TO_ZIP}")
+            raise InputError(f"{name}: unexpected entry {excerpt(member)}; {_HOW_TO_ZIP}", hint=_LAYOUT_HINT)
         if parts[0] in found:
             msg = (f"{name}: more than one CSV in {parts[0]}/ ({excerpt(_member_name(found[parts[0]]))}, "
                    f"{excerpt(member)}); keep exactly one CSV per folder")
-            raise InputError(msg)
+            raise InputError(msg, hint=_LAYOUT_HINT)
         if info.flag_bits & 0x1:
             msg = f"{name}: entry {excerpt(member)} is encrypted; create the zip without a password"
-            raise InputError(msg)
+            raise InputError(msg, hint=_LAYOUT_HINT)
         ratio = info.file_size / max(info.compress_size, 1)
         if ratio > max_ratio:
             msg = (f"{name}: entry {excerpt(member)} expands {ratio:.0f} times (limit {max_ratio:g}), "
                    "refused as a possible zip bomb; upload the CSV itself instead of a zip")
-            raise InputError(msg)
+            raise InputError(msg, hint="Drop the CSV itself instead of a zip; the daemon zips it.")
         total += info.file_size
         found[parts[0]] = info
     if total > max_total:
         msg = (f"{name}: the CSVs inside expand to {total} bytes, more than the limit of {max_total}; "
                "split the data or raise the limit")
-        raise InputError(msg)
+        hint = "Split the data into smaller files, or raise [packaging] max_uncompressed_bytes in the config."
+        raise InputError(msg, hint=hint)
     if "train_src" not in found:
-        raise InputError(f"{name}: no train_src/<file>.csv entry; {_HOW_TO_ZIP}")
+        raise InputError(f"{name}: no train_src/<file>.csv entry; {_HOW_TO_ZIP}", hint=_LAYOUT_HINT)
     return found
 
 
@@ -159,4 +165,5 @@ def _check_member(
             return check_csv_stream(raw, name=member, sink=sink, rules=rules)
     except (NotImplementedError, RuntimeError) as e:  # unsupported compression method, password needed
         msg = f"{member}: cannot be read ({e}); create the zip again with normal (deflate) compression"
-        raise InputError(msg) from e
+        hint = "Make the zip again with normal (deflate) compression and no password, then drop it again."
+        raise InputError(msg, hint=hint) from e
