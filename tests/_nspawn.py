@@ -126,10 +126,10 @@ def make_root(root: Path) -> None:
 class Container:
     """A booted container. ``run()`` executes a command inside; ``close()`` tears everything down."""
 
-    def __init__(self, root: Path, log: Path, *, binds_ro: Mapping[Path, str] = {}) -> None:  # noqa: B006 (read only)
+    def __init__(self, root: Path, log: Path, *, binds_ro: Mapping[Path, str] | None = None) -> None:
         self.root = root
         self.log = log
-        self.binds_ro = dict(binds_ro)
+        self.binds_ro = dict(binds_ro or {})
         name = f"retrain-nspawn-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.cgroups = [parent / name for parent in _own_cgroups()]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -216,7 +216,7 @@ class Container:
 
     # -- inside ------------------------------------------------------------------------------------------------------
 
-    def run(self, *cmd: str, input: str | None = None, timeout: float = 30.0,  # noqa: A002 (as subprocess.run)
+    def run(self, *cmd: str, input: str | None = None, timeout: float = 30.0,
             check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container as root, in its namespaces and root, with a clean environment."""
         assert self.leader is not None, "not booted"
