@@ -271,6 +271,76 @@ async def test_a_bad_csv_is_an_error_found_by_priority_and_fields(host: Host) ->
     assert {"job.failed", "upload.finished", "service.started"} <= {p["event"] for p in parsed}
 
 
+def _readme_block(heading: str, lang: str) -> str:
+    """The first ```LANG block after HEADING in deploy/README.md, as an operator would copy it."""
+    text = (PROJECT / "deploy" / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(heading):]
+    start = after.index(f"```{lang}\n") + len(lang) + 4
+    return after[start:after.index("```", start)]
+
+
+def _commands(block: str) -> list[str]:
+    """Shell commands of a README block: comments dropped, indented lines continue the one before."""
+    commands: list[str] = []
+    for line in block.splitlines():
+        if line.startswith((" ", "\t")) and commands:
+            commands[-1] += "\n" + line
+        elif line.strip() and not line.startswith("#"):
+            commands.append(line)
+    return commands
+
+
+async def test_the_deploy_readme_journal_recipes_work_as_written(host: Host) -> None:
+    host.ensure_active()
+    inbox = host.box.path(INBOX)
+    await _until(inbox.is_dir, "the daemon to create its inbox")
+    drop(inbox, "recipe.csv", "id,x\n1,2\n")
+    drop(inbox, "recipe-bad.csv", "id,x\n1\n")
+    await _until(lambda: (inbox / "done" / "recipe.csv").exists() and (inbox / "failed" / "recipe-bad.csv").exists(),
+                 "recipe.csv in done/ and recipe-bad.csv in failed/")
+    job_id = await _until(lambda: next((r["JOB_ID"] for r in host.daemon_events("EVENT=upload.finished")
+                                        if "recipe.csv" in r["MESSAGE"]), None), "recipe.csv's upload.finished")
+    commands = _commands(_readme_block("## Watching the logs", "sh"))
+    assert len(commands) >= 6
+    for command in commands:
+        # As written, except: no -f (it would never return), and the job id of a job this test made.
+        runnable = command.replace(" -f ", " ").replace("JOB_ID=7", f"JOB_ID={job_id}")
+        done = host.sh("sh", "-c", runnable)
+        assert done.returncode == 0 and done.stdout.strip(), f"{command}\n{done.stdout}{done.stderr}"
+        assert "Traceback" not in done.stdout
+
+
+async def test_the_deploy_readme_logrotate_snippet_rotates_and_the_daemon_writes_on(host: Host) -> None:
+    if shutil.which("logrotate", path="/usr/sbin:/usr/bin") is None:  # the container's /usr is the host's
+        pytest.skip("logrotate is not installed (apt-get install logrotate; .ci/run does it when root)")
+    snippet = _readme_block("### A log file and logrotate", "")
+    log = "/var/log/retrain-uploader/daemon.log"
+    assert snippet.startswith(log)
+    host.ok("sh", "-c", "cat > /etc/logrotate.d/retrain-uploader", input=snippet)
+    host.ok("mkdir", "-p", "/var/lib/logrotate")  # the package makes it; this container's /var starts empty
+    config = GOOD_CONFIG.replace("[ledger]", f'[logging]\nfile = "{log}"\n\n[ledger]')
+    try:
+        host.ensure_active(config)
+        host.ok("systemctl", "restart", UNIT)  # [logging] is read at start
+        inbox = host.box.path(INBOX)
+        drop(inbox, "before-rotate.csv", "id,x\n1,2\n")
+        await _until(lambda: "before-rotate.csv" in host.box.path(log).read_text(errors="replace")
+                     if host.box.path(log).exists() else False, "before-rotate.csv in daemon.log")
+        rotate = host.sh("logrotate", "--force", "/etc/logrotate.d/retrain-uploader")
+        assert rotate.returncode == 0, rotate.stdout + rotate.stderr
+        assert "before-rotate.csv" in host.box.path(log + ".1").read_text(errors="replace")
+        drop(inbox, "after-rotate.csv", "id,x\n3,4\n")
+        await _until(lambda: "after-rotate.csv" in host.box.path(log).read_text(errors="replace"),
+                     "after-rotate.csv in the new daemon.log")
+        owner = host.ok("stat", "-c", "%U:%G %a", log).strip()
+        assert owner == "retrain-uploader:retrain-uploader 640"
+        for line in host.box.path(log).read_text().splitlines():
+            json.loads(line)  # JSON lines only, as the README's jq recipe expects
+    finally:
+        host.write_config(GOOD_CONFIG)
+        host.sh("systemctl", "restart", UNIT)
+
+
 # -- reload ---------------------------------------------------------------------------------------------------------
 
 
