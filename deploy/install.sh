@@ -2,13 +2,15 @@
 # Install or update retrain-uploader as a systemd service. Idempotent: run it again to upgrade; it never overwrites
 # an existing config.toml, key files or inbox folders.
 #
-#   sudo deploy/install.sh [--dry-run] [--python PATH] [--inbox-root DIR]... [SOURCE_DIR]
+#   sudo deploy/install.sh [--dry-run] [--python PATH] [--inbox-root DIR]... [--wheelhouse DIR] [SOURCE_DIR]
 #
 #   SOURCE_DIR         the project to install (default: the folder above this script)
 #   --dry-run          print the commands instead of running them (no root needed)
 #   --python PATH      interpreter for the venv, 3.11 or newer (default: /usr/bin/python3, else python3 on PATH)
 #   --inbox-root DIR   a folder holding model inboxes (repeatable; default /srv/retrain). Roots other than
 #                      /srv/retrain are added to the unit's ReadWritePaths= by a drop-in.
+#   --wheelhouse DIR   install offline: pip takes the project's dependencies and build backend only from the wheels
+#                      in DIR (pip wheel --wheel-dir DIR SOURCE_DIR setuptools, on a machine with the same Python)
 set -euo pipefail
 umask 022
 
@@ -28,8 +30,9 @@ dry_run=0
 python=""
 src=""
 inbox_roots=()
+wheelhouse=""
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
 
 while (($#)); do
@@ -39,6 +42,8 @@ while (($#)); do
         --python=*) python=${1#*=} ;;
         --inbox-root) inbox_roots+=("${2:?--inbox-root needs a folder}"); shift ;;
         --inbox-root=*) inbox_roots+=("${1#*=}") ;;
+        --wheelhouse) wheelhouse=${2:?--wheelhouse needs a folder}; shift ;;
+        --wheelhouse=*) wheelhouse=${1#*=} ;;
         -h | --help) usage; exit 0 ;;
         -*) usage >&2; die "unknown option: $1" ;;
         *) [[ -z $src ]] || die "only one SOURCE_DIR"; src=$1 ;;
@@ -90,6 +95,11 @@ esac
 "$python" -c 'import ensurepip, venv' 2>/dev/null || die "$python cannot create virtual environments (apt-get install python3-venv)"
 nologin=$(command -v nologin || true)
 nologin=${nologin:-/usr/sbin/nologin}
+pip_source=()
+if [[ -n $wheelhouse ]]; then
+    [[ -d $wheelhouse ]] || die "--wheelhouse $wheelhouse is not a folder"
+    pip_source=(--no-index --find-links "$(cd "$wheelhouse" && pwd)")
+fi
 for root in "${inbox_roots[@]}"; do
     [[ $root == /* ]] || die "--inbox-root must be an absolute path: $root"
 done
@@ -127,7 +137,7 @@ else
     tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
         --exclude=__pycache__ --exclude='.*_cache' --exclude=./.hypothesis -cf - . | tar -C "$stage" -xf -
 fi
-run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --upgrade "$stage"
+run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir "${pip_source[@]}" --upgrade "$stage"
 
 # --- documentation, named by the unit's Documentation= ------------------------------------------------------------------
 run install -d -m 0755 -o root -g root "$PREFIX/doc"

@@ -164,3 +164,18 @@ def test_install_refuses_unknown_options() -> None:
     result = run(INSTALL, "--dry-run", "--no-such-option")
     assert result.returncode != 0
     assert "unknown option" in result.stderr
+
+
+def test_install_with_a_wheelhouse_installs_offline_from_it(tmp_path: Path) -> None:
+    result = run(INSTALL, "--dry-run", "--wheelhouse", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [pip] = [line for line in result.stdout.splitlines() if " pip install " in line]
+    assert f"--no-index --find-links {tmp_path} " in pip
+    plain = run(INSTALL, "--dry-run")
+    assert "--no-index" not in plain.stdout  # without it, pip uses the configured index as before
+
+
+def test_install_refuses_a_wheelhouse_that_is_not_a_folder(tmp_path: Path) -> None:
+    result = run(INSTALL, "--dry-run", "--wheelhouse", tmp_path / "missing")
+    assert result.returncode != 0
+    assert "is not a folder" in result.stderr
