@@ -3,18 +3,27 @@ PUT's last byte held back until the check has passed."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import io
+import itertools
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from retrain_uploader import packager
+from retrain_uploader import checks, packager
 from retrain_uploader.checks import InputError
 from retrain_uploader.emulator import Emulator
 from retrain_uploader.ledger import State
+from retrain_uploader.streamcheck import StreamCheck
 
 from .conftest import drop, wait_for
+from .test_checks import tokens
 
 ONE_PASS = {"stream_check_min_bytes": 1}  # every non-empty CSV is checked while it is sent
 
@@ -143,3 +152,58 @@ async def test_a_large_csv_changed_mid_put_never_completes_a_put(start_daemon, e
     retries = [e for e in d.events(job.id) if e["event"] == "retry"]
     assert retries
     assert "changed" in retries[0]["detail"]["error"]
+
+
+# -- the streamed check judges exactly like the check run before an upload --------------------------------------------
+def streamed_outcome(data: bytes, cuts: list[int]) -> tuple[str, str, tuple[str, ...], int] | str:
+    """Feed ``data`` to a StreamCheck in pieces cut at ``cuts`` (as a PUT reads it), from a real file for the cp932
+    second reading."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "t.csv"
+        path.write_bytes(data)
+
+        async def run() -> checks.CsvReport:
+            check = StreamCheck(functools.partial(packager.check_sent_csv, name="t.csv"), path=path,
+                                sha256=hashlib.sha256(data).hexdigest())
+            check.start()
+            try:
+                bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+                for a, b in itertools.pairwise(bounds):
+                    await check.feed(data[a:b])
+                return await check.verdict()
+            finally:
+                await check.close()
+
+        try:
+            r = asyncio.run(run())
+        except InputError as e:
+            return str(e)
+    assert r.size_bytes == len(data)
+    return r.encoding, r.delimiter, r.header, r.rows
+
+
+def before_outcome(data: bytes) -> tuple[str, str, tuple[str, ...], int] | str:
+    try:
+        r = packager.check_sent_csv(io.BytesIO(data), name="t.csv")
+    except InputError as e:
+        return str(e)
+    return r.encoding, r.delimiter, r.header, r.rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(tokens, max_size=60).map(b"".join), st.lists(st.integers(0, 1 << 16), max_size=6))
+def test_the_streamed_check_judges_any_bytes_like_the_check_before(data: bytes, cuts: list[int]) -> None:
+    assert streamed_outcome(data, cuts) == before_outcome(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["utf-8", "utf-8-sig", "cp932"]), st.sampled_from(["\n", "\r\n"]),
+       st.integers(1, 3000), st.lists(st.integers(0, 1 << 20), max_size=4))
+def test_the_streamed_check_judges_written_tables_like_the_check_before(
+    encoding: str, term: str, rows: int, cuts: list[int]
+) -> None:
+    lines = ["id,name,label", *(f'{i},"{"a ""b""" if i % 3 == 1 else "東京, 都"}",{i % 2}' for i in range(rows))]
+    data = (term.join(lines) + term).encode(encoding)
+    got = streamed_outcome(data, cuts)
+    assert got == before_outcome(data)
+    assert got == (encoding, ",", ("id", "name", "label"), rows)

@@ -123,7 +123,7 @@ def hash_csv(path: Path, *, cancel: threading.Event | None = None) -> Package:
 
 def check_sent_csv(raw: IO[bytes], *, name: str, rules: Rules | None = None) -> CsvReport:
     """The checks :func:`package_csv` runs, on the bytes read from ``raw`` (a PUT's body, as it is sent)."""
-    report = check_csv_stream(raw, name=name, rules=rules)
+    report = check_csv_stream(raw, name=name, rules=rules, hashed=False)  # the PUT hashes what it sends
     _trainable(report, name)
     return report
 

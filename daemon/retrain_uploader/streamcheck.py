@@ -133,10 +133,8 @@ class _QueueReader(io.RawIOBase):
         if self._replay is not None:
             data = self._replay.read(size if size > 0 else 1 << 20) or b""
             self._replay_hash.update(data)
-            if not data:
-                self._replay.close()
-                if self._replay_hash.hexdigest() != self._sha256:
-                    raise SourceChanged(f"{self._path.name} changed while it was being checked")
+            if not data and self._replay_hash.hexdigest() != self._sha256:
+                raise SourceChanged(f"{self._path.name} changed while it was being checked")
             return data
         if not self._rest and not self._ended:
             if self._stop.is_set():
