@@ -318,9 +318,10 @@ def parse_log(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float) -> dict[str, Any]:
+def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float,
+                **sections: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
-    raw = settings_mapping(work, emu.base_url, watch={"settle_s": settle_s})
+    raw = settings_mapping(work, emu.base_url, watch={"settle_s": settle_s}, **sections)
     cfg = work / "config.toml"
     cfg.write_text(to_toml(raw))
     cfg.chmod(0o600)
@@ -369,11 +370,12 @@ def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float) ->
             "peak_rss_mib": peak, "idle_rss_mib": rss_idle, "exit_code": proc.returncode}
 
 
-def curl_once(emu: EmulatorProcess, src: Path) -> dict[str, Any]:
+def curl_once(emu: EmulatorProcess, src: Path, limit_b_s: int | None = None) -> dict[str, Any]:
     url = emu.upload_url(src.name)
+    limit = [] if limit_b_s is None else ["--limit-rate", str(limit_b_s)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-T", str(src),
-                             url], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", *limit,
+                             "-T", str(src), url], stdout=subprocess.PIPE, text=True)
     rss = PeakRss(proc.pid, 0.002)
     out, _ = proc.communicate(timeout=600)
     wall = time.monotonic() - t0
@@ -402,9 +404,9 @@ def reference_once(emu: EmulatorProcess, src: Path) -> dict[str, Any]:
 
 
 def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
-    src = data / "big.csv"
+    src = data / ("big.numeric.csv" if args.large == "numeric" else "big.csv")
     size = src.stat().st_size
-    out: dict[str, Any] = {"file_mib": size / MiB, "settle_s": 0.1}
+    out: dict[str, Any] = {"file_mib": size / MiB, "settle_s": 0.1, "kind": args.large}
     have_requests = subprocess.run([sys.executable, "-c", "import requests"], capture_output=True).returncode == 0
     have_curl = shutil.which("curl") is not None
     with EmulatorProcess() as emu:
@@ -719,6 +721,28 @@ def section_check_speed(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     return out
 
 
+# -- section 8: a slow link ------------------------------------------------------------------------------------------
+def section_slow_link(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
+    """Drop→done/ (less settle) through a link of ``--slow-mb`` MB/s against curl through the same: the daemon's
+    ``[upload] max_bytes_per_s`` and ``curl --limit-rate`` (both pace the sender; the emulator has no throttle)."""
+    src = data / "throttled.csv"
+    size = src.stat().st_size
+    rate = int(args.slow_mb * 1e6)
+    runs: dict[str, list[dict[str, Any]]] = {"daemon": [], "curl": []}
+    with EmulatorProcess() as emu:
+        for i in range(args.repeats):
+            runs["daemon"].append(daemon_once(work, emu, src, settle_s=0.1, upload={"max_bytes_per_s": rate}))
+            if shutil.which("curl"):
+                runs["curl"].append(curl_once(emu, src, limit_b_s=rate))
+            print(f"  [8] repeat {i + 1}/{args.repeats} done", flush=True)
+    out: dict[str, Any] = {"file_mb": size / 1e6, "rate_mb_s": args.slow_mb,
+                           "daemon_net_s": median([r["net_s"] for r in runs["daemon"]]), "runs": runs}
+    if runs["curl"]:
+        out["curl_s"] = median([r["time_s"] for r in runs["curl"]])
+        out["ratio"] = median([d["net_s"] / c["time_s"] for d, c in zip(runs["daemon"], runs["curl"], strict=True)])
+    return out
+
+
 # -- section 6: the bandwidth cap's accuracy --------------------------------------------------------------------------
 def cap_files(args: argparse.Namespace, data: Path) -> tuple[int, list[Path], list[Path]]:
     """The bytes of one cap_seconds upload at the cap; one file of that size, and four of a quarter each."""
@@ -801,8 +825,12 @@ def prepare_data(args: argparse.Namespace, data: Path) -> dict[str, float]:
     size, only = args.size_mb * MiB, args.only
     (data / "train_src").mkdir(exist_ok=True)
     (data / "eval_src").mkdir(exist_ok=True)
-    if "1" in only or "4" in only:
+    if ("1" in only and args.large == "mixed") or "4" in only:
         _data.write_csv(data / "big.csv", size, seed=1)
+    if "1" in only and args.large == "numeric":
+        write_numeric(data / "big.numeric.csv", size)
+    if "8" in only:
+        _data.write_csv(data / "throttled.csv", int(args.slow_mb * 1e6 * args.slow_seconds), seed=9)
     if "2" in only:
         _data.write_csv(data / "train_src" / "pair.train.csv", size // 2, seed=2)
     if "2" in only or "4" in only:
@@ -829,7 +857,8 @@ def print_table(res: dict[str, Any]) -> None:
     s1 = res.get("large_csv", {})
     if "daemon" in s1:
         d = s1["daemon"]
-        rows.append(("1 large CSV", f"daemon drop→done/ ({s1['file_mib']:.0f} MiB, settle {s1['settle_s']} s)",
+        rows.append(("1 large CSV", f"daemon drop→done/ ({s1['file_mib']:.0f} MiB {s1.get('kind', 'mixed')}, "
+                     f"settle {s1['settle_s']} s)",
                      fmt(d["drop_to_done_s"], " s"), fmt(d["peak_rss_mib"], " MiB", 1)))
         phase = "hash phase (one pass: checked during the PUT)" if d.get("one_pass") else "check+hash phase"
         rows.append(("", f"  {phase}", f"{d['check_hash_s']:.2f} s = {d['check_hash_mib_s']:.0f} MiB/s", ""))
@@ -897,6 +926,13 @@ def print_table(res: dict[str, Any]) -> None:
             rows.append(("6 bandwidth cap" if key == "one" else "",
                          f"max_bytes_per_s = {cap:g} MB/s, {label}: {r['bytes'] / 1e6:.0f} MB",
                          f"{r['seconds']:.2f} s = {r['rate_b_s'] / 1e6:.3f} MB/s = {r['rate_vs_cap']:.4f}x cap", ""))
+    s8 = res.get("slow_link", {})
+    if "daemon_net_s" in s8:
+        what = f"{s8['file_mb']:.0f} MB at {s8['rate_mb_s']:g} MB/s: daemon drop→done/ less settle"
+        rows.append(("8 slow link", what, f"{s8['daemon_net_s']:.2f} s", ""))
+        if "curl_s" in s8:
+            rows.append(("", f"curl --limit-rate {s8['rate_mb_s']:g}M; daemon / curl (paired)",
+                         f"{s8['curl_s']:.2f} s; {s8['ratio']:.3f}x", ""))
     w = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
     head = ("section", "what", "result", "peak RSS")
     w = [max(w[i], len(head[i])) for i in range(4)]
@@ -925,6 +961,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         r = s7.get(key)
         add(f"check+hash throughput, {key.replace('_', ' ')}", None if r is None else r["mib_s"], f">= {goal} MiB/s",
             None if r is None else r["mib_s"] >= goal)
+    s8 = res.get("slow_link", {})
+    add("slow link: drop→done/ less settle vs curl", s8.get("ratio"), "<= 1.05x curl",
+        s8["ratio"] <= 1.05 if "ratio" in s8 else None)
     s3 = res.get("small_files", {})
     add("small-file drain vs ideal", s3.get("ratio"), "<= 1.3x", s3["ratio"] <= 1.3 if "ratio" in s3 else None)
     s4 = res.get("loop_lag", {})
@@ -948,9 +987,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the generated CSVs here and reuse them next time (default: a temporary folder)")
-    parser.add_argument("--only", default="1234567", help="sections to run, e.g. --only 13")
+    parser.add_argument("--only", default="12345678", help="sections to run, e.g. --only 13")
     parser.add_argument("--cap-mb", type=float, default=4.0, help="section 6: the cap in MB/s (default 4)")
     parser.add_argument("--cap-seconds", type=float, default=30.0, help="section 6: seconds per upload (default 30)")
+    parser.add_argument("--large", choices=("mixed", "numeric"), default="mixed",
+                        help="section 1's file: the bench rows (quoted Japanese text) or a numeric export")
+    parser.add_argument("--slow-mb", type=float, default=26.0, help="section 8: the link's rate in MB/s (default 26)")
+    parser.add_argument("--slow-seconds", type=float, default=8.0, help="section 8: seconds per upload (default 8)")
     args = parser.parse_args()
     args.size_mb = args.size_mb or (200 if args.quick else 1024)
     args.small_files = args.small_files or (200 if args.quick else 1000)
@@ -977,6 +1020,7 @@ def main() -> int:
             ("5", "first_request", lambda: asyncio.run(section_first_request(args, work / "first"))),
             ("6", "cap", lambda: asyncio.run(section_cap(args, data, work / "cap"))),
             ("7", "check_speed", lambda: section_check_speed(args, data)),
+            ("8", "slow_link", lambda: section_slow_link(args, data, work / "slow")),
         ]
         for key, name, fn in sections:
             if key not in args.only:
