@@ -20,6 +20,7 @@ from retrain_uploader import checks, packager
 from retrain_uploader.checks import InputError
 from retrain_uploader.emulator import Emulator
 from retrain_uploader.ledger import State
+from retrain_uploader.rules import model_rules
 from retrain_uploader.streamcheck import StreamCheck
 
 from .conftest import drop, wait_for
@@ -207,3 +208,26 @@ def test_the_streamed_check_judges_written_tables_like_the_check_before(
     got = streamed_outcome(data, cuts)
     assert got == before_outcome(data)
     assert got == (encoding, ",", ("id", "name", "label"), rows)
+
+
+async def test_model_rules_run_in_the_streamed_check(start_daemon, emulator: Emulator, tmp_path: Path) -> None:
+    """A regression target that is not a number in the last row fails the rules at the end of the stream: the PUT is
+    cut before its last byte and the job fails with the rules' own message."""
+    content = big_csv(300_000) + b"300000,1,12 kg\n"
+    reference = tmp_path / "reference" / "three.csv"
+    reference.parent.mkdir()
+    reference.write_bytes(content)
+    models = [{"name": "alpha", "inbox": str(tmp_path / "inbox" / "alpha"), "target": "label", "task": "regression",
+               "api_key_file": str(tmp_path / "keys" / "alpha")}]
+    d = await start_daemon(packaging=ONE_PASS, models=models)
+    rules = d.settings.model("alpha")
+    with pytest.raises(InputError) as checked_before:
+        packager.package_csv(reference, rules=model_rules(rules, None))
+    drop(d.inbox(), "three.csv", content)
+    [job] = await d.closed_jobs(1)
+
+    assert job.state is State.FAILED
+    assert job.error == str(checked_before.value)
+    assert "is not a number in row 300002" in str(job.error)
+    assert "check_failed" in [e["event"] for e in d.events(job.id)]
+    assert emulator.uploads == []
