@@ -47,13 +47,14 @@ class StreamCheck(Generic[T]):
         self._queue: asyncio.Queue[bytes] | None = None
         self._future: asyncio.Future[T] | None = None
         self._stop = threading.Event()
+        self._reader: _QueueReader | None = None
         self.result: T | None = None  # the check's result, once verdict() has returned
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(_DEPTH)
-        reader = _QueueReader(self._queue, loop, self._stop, self._path, self._sha256)
-        self._future = asyncio.ensure_future(asyncio.to_thread(self._check, reader))
+        self._reader = _QueueReader(self._queue, loop, self._stop, self._path, self._sha256)
+        self._future = asyncio.ensure_future(asyncio.to_thread(self._check, self._reader))
 
     async def feed(self, chunk: bytes) -> None:
         """Hand the next chunk to the check; raises the check's error at once if it has already failed."""
@@ -82,8 +83,12 @@ class StreamCheck(Generic[T]):
             await asyncio.wait([put, self._future], return_when=asyncio.FIRST_COMPLETED)
             if not put.done():
                 put.cancel()
-        self.result = await self._future
-        return self.result
+        result = await self._future
+        assert self._reader is not None
+        if not self._reader.ended:  # a verdict on part of the bytes is no verdict
+            raise RuntimeError("the check returned before it had read every byte")
+        self.result = result
+        return result
 
     async def close(self) -> None:
         """The PUT is over (whatever happened): stop the check thread and wait for it, swallowing its outcome."""
@@ -107,7 +112,7 @@ class _QueueReader(io.RawIOBase):
         self._queue, self._loop, self._stop = queue, loop, stop
         self._path, self._sha256 = path, sha256
         self._rest = b""
-        self._ended = False
+        self.ended = False
         self._replay: io.RawIOBase | None = None
         self._replay_hash = hashlib.sha256()
         self._pos = 0
@@ -122,7 +127,7 @@ class _QueueReader(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if offset != 0 or whence != io.SEEK_SET or not self._ended:
+        if offset != 0 or whence != io.SEEK_SET or not self.ended:
             raise io.UnsupportedOperation("a streamed check can only go back to the start, after the end")
         # The second reading comes from the file; its digest must match what was sent (checked at its end).
         self._replay = open_regular(self._path)  # type: ignore[assignment]
@@ -136,14 +141,14 @@ class _QueueReader(io.RawIOBase):
             if not data and self._replay_hash.hexdigest() != self._sha256:
                 raise SourceChanged(f"{self._path.name} changed while it was being checked")
             return data
-        if not self._rest and not self._ended:
+        if not self._rest and not self.ended:
             if self._stop.is_set():
                 raise _Stopped
             chunk = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop).result()
             if self._stop.is_set():
                 raise _Stopped
             if chunk == _END:
-                self._ended = True
+                self.ended = True
             self._rest = chunk
         n = len(self._rest) if size is None or size < 0 else min(size, len(self._rest))
         data, self._rest = self._rest[:n], self._rest[n:]
