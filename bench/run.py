@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -317,9 +318,10 @@ def parse_log(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float) -> dict[str, Any]:
+def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float,
+                **sections: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
-    raw = settings_mapping(work, emu.base_url, watch={"settle_s": settle_s})
+    raw = settings_mapping(work, emu.base_url, watch={"settle_s": settle_s}, **sections)
     cfg = work / "config.toml"
     cfg.write_text(to_toml(raw))
     cfg.chmod(0o600)
@@ -359,18 +361,21 @@ def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float) ->
     if "upload.finished" not in events or "job.packaged" not in events:
         raise RuntimeError(f"daemon log lacks the expected events: {sorted(str(k) for k in events)}")
     size = int(events["job.packaged"]["size_bytes"])
+    # One pass: a large CSV is only hashed at packaging ("job.hashed" logged); its check runs inside the PUT.
     check_s = float(events["job.packaged"]["duration_s"])
     upload_s = float(events["upload.finished"]["duration_s"])
     (inbox / "done" / src.name).unlink(missing_ok=True)
     return {"drop_to_done_s": t_done - t0, "check_hash_s": check_s, "upload_s": upload_s, "size_bytes": size,
+            "one_pass": "job.hashed" in events, "net_s": t_done - t0 - settle_s,
             "peak_rss_mib": peak, "idle_rss_mib": rss_idle, "exit_code": proc.returncode}
 
 
-def curl_once(emu: EmulatorProcess, src: Path) -> dict[str, Any]:
+def curl_once(emu: EmulatorProcess, src: Path, limit_b_s: int | None = None) -> dict[str, Any]:
     url = emu.upload_url(src.name)
+    limit = [] if limit_b_s is None else ["--limit-rate", str(limit_b_s)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-T", str(src),
-                             url], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", *limit,
+                             "-T", str(src), url], stdout=subprocess.PIPE, text=True)
     rss = PeakRss(proc.pid, 0.002)
     out, _ = proc.communicate(timeout=600)
     wall = time.monotonic() - t0
@@ -399,9 +404,9 @@ def reference_once(emu: EmulatorProcess, src: Path) -> dict[str, Any]:
 
 
 def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
-    src = data / "big.csv"
+    src = data / ("big.numeric.csv" if args.large == "numeric" else "big.csv")
     size = src.stat().st_size
-    out: dict[str, Any] = {"file_mib": size / MiB, "settle_s": 0.1}
+    out: dict[str, Any] = {"file_mib": size / MiB, "settle_s": 0.1, "kind": args.large, "two_pass": args.two_pass}
     have_requests = subprocess.run([sys.executable, "-c", "import requests"], capture_output=True).returncode == 0
     have_curl = shutil.which("curl") is not None
     with EmulatorProcess() as emu:
@@ -410,7 +415,8 @@ def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str,
         # figure on a shared machine, so the daemon/curl pair runs two more times than the rest.
         pairs = args.repeats + 2
         for i in range(pairs):
-            runs["daemon"].append(daemon_once(work / "daemon", emu, src, settle_s=0.1))
+            two_pass = {"packaging": {"stream_check_min_bytes": 1 << 62}} if args.two_pass else {}
+            runs["daemon"].append(daemon_once(work / "daemon", emu, src, settle_s=0.1, **two_pass))
             if have_curl:
                 runs["curl"].append(curl_once(emu, src))
             if have_requests and i < args.repeats:
@@ -425,6 +431,7 @@ def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str,
         "check_hash_s": median([r["check_hash_s"] for r in d]),
         "upload_s": median([r["upload_s"] for r in d]),
         "check_hash_mib_s": median([size / MiB / r["check_hash_s"] for r in d]),
+        "one_pass": all(r["one_pass"] for r in d),
         "upload_mib_s": median([size / MiB / r["upload_s"] for r in d]),
         "upload_mib_s_range": [min(size / MiB / r["upload_s"] for r in d), max(size / MiB / r["upload_s"] for r in d)],
         "peak_rss_mib": max(r["peak_rss_mib"] for r in d),
@@ -443,6 +450,10 @@ def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str,
         out["upload_vs_curl"] = median(pairs)
         out["upload_vs_curl_pairs"] = pairs
         out["upload_vs_curl_of_medians"] = out["daemon"]["upload_mib_s"] / out["curl"]["mib_s"]
+        # Drop to done/ less the settle time, against curl's upload of the same file (paired runs, median).
+        done_pairs = [dr["net_s"] / r["time_s"] for dr, r in zip(d, c, strict=True)]
+        out["done_vs_curl"] = median(done_pairs)
+        out["done_vs_curl_pairs"] = done_pairs
     else:
         out["curl"] = {"skipped": "curl not found (apt-get install curl)"}
     if runs["reference"]:
@@ -676,6 +687,63 @@ async def section_first_request(args: argparse.Namespace, work: Path) -> dict[st
             "target_s": settle + 0.5}
 
 
+# -- section 7: check speed -----------------------------------------------------------------------------------------
+def write_numeric(path: Path, size_bytes: int) -> None:
+    """A typical numeric export: ten unquoted columns of integers and decimals, a 0/1 label."""
+    if path.exists() and path.stat().st_size >= size_bytes:
+        return
+    rng = random.Random(7)
+    block = b"".join(b"%d,%d,%.4f,%d,%.2f,%d,%d,%.3f,%d,%d\n" % (
+        i, rng.randint(0, 10**6), rng.random(), rng.randint(18, 90), rng.uniform(1e3, 1e6), rng.randint(0, 5),
+        rng.randint(0, 9999), rng.random() * 100, rng.randint(0, 1 << 20), rng.random() < 0.2) for i in range(100_000))
+    with open(path, "wb") as f:
+        f.write(b"id,a,b,age,income,c,d,score,e,label\n")
+        while f.tell() < size_bytes:
+            f.write(block)
+
+
+def section_check_speed(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    """checks.check_csv (the whole check plus the sha256) on a numeric export and on the bench's quoted Japanese
+    rows, from a warm page cache, in this process."""
+    from retrain_uploader.checks import check_csv
+
+    out: dict[str, Any] = {}
+    for key, name, what in (("numeric", "check.numeric.csv", "numeric export, no quotes"),
+                            ("quoted_japanese", "check.mixed.csv", "quoted Japanese text (the bench rows)")):
+        path = data / name
+        path.read_bytes()  # warm the page cache
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            check_csv(path)
+            times.append(time.perf_counter() - t0)
+        size = path.stat().st_size
+        out[key] = {"what": what, "mib": size / MiB, "time_s": median(times), "mib_s": size / MiB / median(times)}
+    return out
+
+
+# -- section 8: a slow link ------------------------------------------------------------------------------------------
+def section_slow_link(args: argparse.Namespace, data: Path, work: Path) -> dict[str, Any]:
+    """Drop→done/ (less settle) through a link of ``--slow-mb`` MB/s against curl through the same: the daemon's
+    ``[upload] max_bytes_per_s`` and ``curl --limit-rate`` (both pace the sender; the emulator has no throttle)."""
+    src = data / "throttled.csv"
+    size = src.stat().st_size
+    rate = int(args.slow_mb * 1e6)
+    runs: dict[str, list[dict[str, Any]]] = {"daemon": [], "curl": []}
+    with EmulatorProcess() as emu:
+        for i in range(args.repeats):
+            runs["daemon"].append(daemon_once(work, emu, src, settle_s=0.1, upload={"max_bytes_per_s": rate}))
+            if shutil.which("curl"):
+                runs["curl"].append(curl_once(emu, src, limit_b_s=rate))
+            print(f"  [8] repeat {i + 1}/{args.repeats} done", flush=True)
+    out: dict[str, Any] = {"file_mb": size / 1e6, "rate_mb_s": args.slow_mb,
+                           "daemon_net_s": median([r["net_s"] for r in runs["daemon"]]), "runs": runs}
+    if runs["curl"]:
+        out["curl_s"] = median([r["time_s"] for r in runs["curl"]])
+        out["ratio"] = median([d["net_s"] / c["time_s"] for d, c in zip(runs["daemon"], runs["curl"], strict=True)])
+    return out
+
+
 # -- section 6: the bandwidth cap's accuracy --------------------------------------------------------------------------
 def cap_files(args: argparse.Namespace, data: Path) -> tuple[int, list[Path], list[Path]]:
     """The bytes of one cap_seconds upload at the cap; one file of that size, and four of a quarter each."""
@@ -758,12 +826,19 @@ def prepare_data(args: argparse.Namespace, data: Path) -> dict[str, float]:
     size, only = args.size_mb * MiB, args.only
     (data / "train_src").mkdir(exist_ok=True)
     (data / "eval_src").mkdir(exist_ok=True)
-    if "1" in only or "4" in only:
+    if ("1" in only and args.large == "mixed") or "4" in only:
         _data.write_csv(data / "big.csv", size, seed=1)
+    if "1" in only and args.large == "numeric":
+        write_numeric(data / "big.numeric.csv", size)
+    if "8" in only:
+        _data.write_csv(data / "throttled.csv", int(args.slow_mb * 1e6 * args.slow_seconds), seed=9)
     if "2" in only:
         _data.write_csv(data / "train_src" / "pair.train.csv", size // 2, seed=2)
     if "2" in only or "4" in only:
         _data.write_csv(data / "eval_src" / "pair.eval.csv", size // 16, seed=3)
+    if "7" in only:
+        _data.write_csv(data / "check.mixed.csv", min(size, 256 * MiB), seed=8)
+        write_numeric(data / "check.numeric.csv", min(size, 256 * MiB))
     if "6" in only:
         cap_size, one_file, four_files = cap_files(args, data)
         _data.write_csv(one_file[0], cap_size, seed=4)
@@ -783,9 +858,11 @@ def print_table(res: dict[str, Any]) -> None:
     s1 = res.get("large_csv", {})
     if "daemon" in s1:
         d = s1["daemon"]
-        rows.append(("1 large CSV", f"daemon drop→done/ ({s1['file_mib']:.0f} MiB, settle {s1['settle_s']} s)",
+        rows.append(("1 large CSV", f"daemon drop→done/ ({s1['file_mib']:.0f} MiB {s1.get('kind', 'mixed')}, "
+                     f"settle {s1['settle_s']} s)",
                      fmt(d["drop_to_done_s"], " s"), fmt(d["peak_rss_mib"], " MiB", 1)))
-        rows.append(("", "  check+hash phase", f"{d['check_hash_s']:.2f} s = {d['check_hash_mib_s']:.0f} MiB/s", ""))
+        phase = "hash phase (one pass: checked during the PUT)" if d.get("one_pass") else "check+hash phase"
+        rows.append(("", f"  {phase}", f"{d['check_hash_s']:.2f} s = {d['check_hash_mib_s']:.0f} MiB/s", ""))
         lo, hi = d["upload_mib_s_range"]
         rows.append(("", "  upload phase (PUT)",
                      f"{d['upload_s']:.2f} s = {d['upload_mib_s']:.0f} MiB/s ({lo:.0f}-{hi:.0f})", ""))
@@ -797,6 +874,8 @@ def print_table(res: dict[str, Any]) -> None:
             pairs = ", ".join(f"{x:.2f}" for x in s1["upload_vs_curl_pairs"])
             rows.append(("", "  daemon PUT / curl (median of paired runs)", f"{s1['upload_vs_curl']:.2f}x ({pairs})",
                          ""))
+            pairs = ", ".join(f"{x:.2f}" for x in s1["done_vs_curl_pairs"])
+            rows.append(("", "  drop→done/ less settle / curl (paired)", f"{s1['done_vs_curl']:.2f}x ({pairs})", ""))
         if "time_s" in s1.get("reference", {}):
             r = s1["reference"]
             rows.append(("", "requests get+read()+put", f"{r['time_s']:.2f} s (PUT {r['put_mib_s']:.0f} MiB/s)",
@@ -834,6 +913,12 @@ def print_table(res: dict[str, Any]) -> None:
     if "median_s" in s5:
         rows.append(("5 first request", "rename into inbox → first upload_url (settle_s 1)",
                      f"median {s5['median_s']:.3f} s, max {s5['max_s']:.3f} s", ""))
+    s7 = res.get("check_speed", {})
+    for key in ("numeric", "quoted_japanese"):
+        if key in s7:
+            r = s7[key]
+            rows.append(("7 check speed" if key == "numeric" else "", f"check_csv (check+hash), {r['what']}",
+                         f"{r['time_s']:.2f} s = {r['mib_s']:.0f} MiB/s", ""))
     s6 = res.get("cap", {})
     if "one" in s6:
         cap = s6["cap_b_s"] / 1e6
@@ -842,6 +927,13 @@ def print_table(res: dict[str, Any]) -> None:
             rows.append(("6 bandwidth cap" if key == "one" else "",
                          f"max_bytes_per_s = {cap:g} MB/s, {label}: {r['bytes'] / 1e6:.0f} MB",
                          f"{r['seconds']:.2f} s = {r['rate_b_s'] / 1e6:.3f} MB/s = {r['rate_vs_cap']:.4f}x cap", ""))
+    s8 = res.get("slow_link", {})
+    if "daemon_net_s" in s8:
+        what = f"{s8['file_mb']:.0f} MB at {s8['rate_mb_s']:g} MB/s: daemon drop→done/ less settle"
+        rows.append(("8 slow link", what, f"{s8['daemon_net_s']:.2f} s", ""))
+        if "curl_s" in s8:
+            rows.append(("", f"curl --limit-rate {s8['rate_mb_s']:g}M; daemon / curl (paired)",
+                         f"{s8['curl_s']:.2f} s; {s8['ratio']:.3f}x", ""))
     w = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
     head = ("section", "what", "result", "peak RSS")
     w = [max(w[i], len(head[i])) for i in range(4)]
@@ -863,8 +955,16 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     add("daemon peak RSS", d.get("peak_rss_mib"), "<= 100 MiB", d.get("peak_rss_mib", 1e9) <= 100 if d else None)
     ratio = s1.get("upload_vs_curl")
     add("daemon upload vs curl", ratio, ">= 0.8x curl", None if ratio is None else ratio >= 0.8)
-    add("check+hash throughput", d.get("check_hash_mib_s"), ">= 100 MiB/s",
-        d["check_hash_mib_s"] >= 100 if d else None)
+    done = s1.get("done_vs_curl")
+    add("drop→done/ less settle vs curl", done, "<= 1.5x curl", None if done is None else done <= 1.5)
+    s7 = res.get("check_speed", {})
+    for key, goal in (("numeric", 300), ("quoted_japanese", 100)):
+        r = s7.get(key)
+        add(f"check+hash throughput, {key.replace('_', ' ')}", None if r is None else r["mib_s"], f">= {goal} MiB/s",
+            None if r is None else r["mib_s"] >= goal)
+    s8 = res.get("slow_link", {})
+    add("slow link: drop→done/ less settle vs curl", s8.get("ratio"), "<= 1.05x curl",
+        s8["ratio"] <= 1.05 if "ratio" in s8 else None)
     s3 = res.get("small_files", {})
     add("small-file drain vs ideal", s3.get("ratio"), "<= 1.3x", s3["ratio"] <= 1.3 if "ratio" in s3 else None)
     s4 = res.get("loop_lag", {})
@@ -888,9 +988,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the generated CSVs here and reuse them next time (default: a temporary folder)")
-    parser.add_argument("--only", default="123456", help="sections to run, e.g. --only 13")
+    parser.add_argument("--only", default="12345678", help="sections to run, e.g. --only 13")
     parser.add_argument("--cap-mb", type=float, default=4.0, help="section 6: the cap in MB/s (default 4)")
     parser.add_argument("--cap-seconds", type=float, default=30.0, help="section 6: seconds per upload (default 30)")
+    parser.add_argument("--large", choices=("mixed", "numeric"), default="mixed",
+                        help="section 1's file: the bench rows (quoted Japanese text) or a numeric export")
+    parser.add_argument("--two-pass", action="store_true",
+                        help="section 1: check the whole file before the PUT, as before one pass (for comparison)")
+    parser.add_argument("--slow-mb", type=float, default=26.0, help="section 8: the link's rate in MB/s (default 26)")
+    parser.add_argument("--slow-seconds", type=float, default=8.0, help="section 8: seconds per upload (default 8)")
     args = parser.parse_args()
     args.size_mb = args.size_mb or (200 if args.quick else 1024)
     args.small_files = args.small_files or (200 if args.quick else 1000)
@@ -916,6 +1022,8 @@ def main() -> int:
             ("4", "loop_lag", lambda: asyncio.run(section_lag(args, data, work / "lag"))),
             ("5", "first_request", lambda: asyncio.run(section_first_request(args, work / "first"))),
             ("6", "cap", lambda: asyncio.run(section_cap(args, data, work / "cap"))),
+            ("7", "check_speed", lambda: section_check_speed(args, data)),
+            ("8", "slow_link", lambda: section_slow_link(args, data, work / "slow")),
         ]
         for key, name, fn in sections:
             if key not in args.only:

@@ -268,7 +268,7 @@ class _Tap(io.RawIOBase):
 
 def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], object] | None = None,
                      chunk_size: int = 1 << 20, max_line_bytes: int = MAX_LINE_BYTES,
-                     rules: Rules | None = None) -> CsvReport:
+                     rules: Rules | None = None, hashed: bool = True) -> CsvReport:
     """Check the CSV read from ``raw`` (from its current position to EOF) and hash it in the same pass.
 
     Checks: not empty, no NUL bytes, no line longer than about ``max_line_bytes``, UTF-8 (BOM allowed) or
@@ -283,12 +283,15 @@ def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], objec
     UTF-8 is still read to its end in that pass (hash and sink stay complete); then ``raw`` is seeked back
     and parsed again as cp932 without calling ``sink``. So sink never needs a reset, but ``raw`` must be
     seekable for non-UTF-8 input (io.UnsupportedOperation otherwise).
+
+    ``hashed=False`` skips the sha256 (the report's is then ""): for bytes whose digest the caller computes anyway
+    (a PUT's body, checked as it is sent).
     """
     start = raw.tell() if raw.seekable() else None
     hasher = hashlib.sha256()
     rules = rules or Rules()
     tap = _Tap(raw, name=name, encoding="utf-8", chunk_size=chunk_size, max_line=max_line_bytes,
-               update=hasher.update, sink=sink)
+               update=hasher.update if hashed else _skip, sink=sink)
     tap.rules = rules
     try:
         delimiter, header, rows = _scan(tap)
@@ -324,9 +327,13 @@ def check_csv_stream(raw: IO[bytes], *, name: str, sink: Callable[[bytes], objec
         warnings = rules.compare_header(header) + rules.verdict(done.stats)
     except RuleError as e:
         raise InputError(f"{name}: {e}", hint=e.hint) from None
-    return CsvReport(size_bytes=tap.size, sha256=hasher.hexdigest(), encoding=encoding,
+    return CsvReport(size_bytes=tap.size, sha256=hasher.hexdigest() if hashed else "", encoding=encoding,
                      delimiter=delimiter, columns=len(header), header=header, rows=rows, warnings=tuple(warnings),
                      target=done.stats if rules.target is not None else None)
+
+
+def _skip(_data: bytes) -> None:
+    """Stands in for the hash when the caller hashes the bytes itself (the screening still runs)."""
 
 
 RESAVE = ("open it in Excel (or a text editor) and save it as \"CSV UTF-8 (comma delimited)\", then drop it again")

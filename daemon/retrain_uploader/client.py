@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiofiles
 import aiohttp
@@ -22,9 +22,13 @@ from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from .bandwidth import TokenBucket, WindowClosed
+from .checks import InputError
 from .network import PROXY_AUTH_FAILED, Network, describe_failure
 from .redact import redact_url, scrub
 from .retry_after import parse_retry_after
+
+if TYPE_CHECKING:
+    from .streamcheck import StreamCheck
 
 __all__ = [
     "ApiError",
@@ -170,6 +174,8 @@ class _FilePayload(aiohttp.payload.Payload):
 
     Object stores refuse chunked presigned PUTs, so the size is declared. Holding back the final chunk until the
     digest matches means a file that changed since it was checked never completes a PUT (and never costs a retraining).
+    With ``check``, every chunk read is also handed to that check (one pass over the bytes), and the final chunk waits
+    for its verdict too: a file that fails its check is cut before its last byte.
     """
 
     def __init__(
@@ -180,8 +186,10 @@ class _FilePayload(aiohttp.payload.Payload):
         on_progress: Callable[[], object] | None = None,
         throttle: TokenBucket | None = None,
         meter: UploadMeter | None = None,
+        check: StreamCheck[Any] | None = None,
     ) -> None:
         super().__init__(path)
+        self._check = check
         self._meter = meter
         self._throttle = throttle
         self._path = path
@@ -214,7 +222,10 @@ class _FilePayload(aiohttp.payload.Payload):
         except OSError as e:  # the file was removed or replaced since it was checked: check it again
             msg = f"{self._path.name} cannot be read any more ({e.strerror}); upload aborted"
             raise SourceChanged(msg) from e
+        check = self._check
         try:
+            if check is not None:
+                check.start()
             while remaining > 0:
                 chunk = await f.read(min(_CHUNK, remaining))
                 if not chunk:
@@ -225,18 +236,26 @@ class _FilePayload(aiohttp.payload.Payload):
                     hashing = None
                 else:  # hash in a thread (hashlib releases the GIL) while the previous chunk goes out
                     hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, chunk))
+                # The check reads this chunk in its own thread while the previous one goes out.
+                feeding = None if check is None else asyncio.ensure_future(check.feed(chunk))
                 try:
                     if held:
                         await self._send(writer, held, last=False)
                 finally:
                     if hashing is not None:
                         await hashing
+                    if feeding is not None:
+                        await feeding  # raises InputError: the file failed its check, the last chunk stays here
                 held = chunk
             if remaining != 0 or digest.hexdigest() != self._sha256 or await f.read(1):
                 msg = f"{self._path.name} changed after it was checked; upload aborted before completion"
                 raise SourceChanged(msg)
+            if check is not None:
+                await check.verdict()
         finally:
             await f.close()
+            if check is not None:
+                await check.close()
         if held:
             await self._send(writer, held, last=True)
 
@@ -417,7 +436,14 @@ class Client:
         await self._api_call("switch", "PUT", url, api_key)
 
     async def put_file(
-        self, upload_url: str, path: Path, *, size: int, sha256: str, meter: UploadMeter | None = None
+        self,
+        upload_url: str,
+        path: Path,
+        *,
+        size: int,
+        sha256: str,
+        meter: UploadMeter | None = None,
+        check: StreamCheck[Any] | None = None,
     ) -> None:
         """Step 2: PUT the file to ``upload_url`` exactly as received, streamed, with a Content-Length.
 
@@ -425,9 +451,12 @@ class Client:
         read for ``upload_read_timeout_s`` aborts the attempt with :class:`UploadStalled`. (aiohttp's own read
         timeout does not run while the body is being sent, so a storage node that stops reading held the PUT until
         the kernel gave up, about 15 minutes.)
+
+        With ``check`` the file is checked as it is sent, and the last byte leaves only once the check has passed:
+        a file that fails raises the check's :class:`~.checks.InputError`, cut before its last byte (nothing arrived).
         """
         watchdog = _Watchdog(self._upload_idle_s)
-        payload = _FilePayload(path, size, sha256, watchdog.progress, self._throttle, meter)
+        payload = _FilePayload(path, size, sha256, watchdog.progress, self._throttle, meter, check)
         watchdog.payload = payload
         try:
             with watchdog:
@@ -457,12 +486,12 @@ class Client:
             raise UploadStalled(
                 self._upload_idle_s, sent=payload.sent, size=size, body_complete=payload.last_byte_handed_over
             ) from None
-        except SourceChanged:
+        except (SourceChanged, InputError):
             raise
         except WindowClosed:
             raise UploadCut(sent=payload.sent, size=size) from None
         except aiohttp.ClientError as e:
-            if isinstance(e.__cause__, SourceChanged):
+            if isinstance(e.__cause__, SourceChanged | InputError):
                 raise e.__cause__ from None
             if isinstance(e.__cause__, WindowClosed):
                 if payload.transport is not None:

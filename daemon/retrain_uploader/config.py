@@ -167,6 +167,9 @@ class PackagingSettings(_Section):
     zip_level: Annotated[int, Field(ge=0, le=9)] = 1
     max_zip_ratio: PositiveFloat = 200.0
     max_uncompressed_bytes: Annotated[int, Field(gt=0)] = 64 << 30
+    # A CSV at least this big is hashed first and checked while it is sent (one pass); a smaller one is checked
+    # before any API call (milliseconds), so a bad small file never creates a remote job.
+    stream_check_min_bytes: Annotated[int, Field(ge=0)] = 8 << 20
 
 
 class StatusSettings(_Section):

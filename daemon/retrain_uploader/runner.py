@@ -7,6 +7,8 @@ returns an :class:`Outcome` and the service queues, delays or parks the job acco
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import random
 import threading
 import time
@@ -31,6 +33,7 @@ from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
 from .progress import ProgressReporter
 from .redact import scrub
 from .rules import Rules, model_rules
+from .streamcheck import StreamCheck
 from .watcher import FAILED_DIR, printable_name
 
 __all__ = [
@@ -285,6 +288,9 @@ class Runner:
                     **({"warnings": list(pkg.warnings)} if pkg.warnings else {}),
                     **({"removed_entries": list(pkg.removed_entries)} if pkg.removed_entries else {})},
         )
+        if not pkg.checked:
+            log.info("job.hashed", model=model.name, job_id=job.id, file=job.upload_filename,
+                     action="checked while it is sent; its last byte waits for the check")
         if pkg.warnings or pkg.removed_entries:
             log.warning("job.check_warnings", model=model.name, job_id=job.id, file=job.upload_filename,
                         warnings=list(pkg.warnings), removed_entries=list(pkg.removed_entries))
@@ -328,6 +334,8 @@ class Runner:
 
     def _build(self, job: Job, model: ModelContext, rules: Rules) -> packager.Package:
         paths = [model.inbox / name for name in job.sources]
+        if job.kind == "csv" and _size(paths[0]) >= max(1, self.settings.packaging.stream_check_min_bytes):
+            return packager.hash_csv(paths[0], cancel=self._cancel)  # checked while it is sent: one pass
         return build_package(job.kind, job.name, paths, self.settings, rules, job_id=job.id, cancel=self._cancel)
 
 
@@ -404,6 +412,7 @@ class Runner:
         self._check_window()
         self._check_sources_unchanged(job, model)
         path = self._package_path(job, model)
+        check = self._sent_check(job, model, path)
         job = self.ledger.update(job.id, put_started=1, bytes_sent=0)  # committed before the first byte leaves
         started = self._monotonic()
         log.info("upload.started", **job.log_fields(), size_bytes=job.size_bytes, attempt=job.attempts + 1)
@@ -411,7 +420,16 @@ class Runner:
         try:
             async with self.progress.watching(job, meter):
                 size, sha256 = job.size_bytes or 0, job.sha256 or ""
-                await self.client.put_file(ticket.upload_url, path, size=size, sha256=sha256, meter=meter)
+                await self.client.put_file(
+                    ticket.upload_url, path, size=size, sha256=sha256, meter=meter, check=check
+                )
+        except checks.InputError as e:
+            # The check, run on the bytes as they were sent, failed: the PUT was cut before its last byte, so the
+            # storage holds nothing and no retraining starts. The job fails as a check before the upload does.
+            self._tickets.pop(job.id, None)
+            self.ledger.update(job.id, state=State.PACKAGING, put_started=0, event="check_failed",
+                               detail={"sent": meter.sent, "size_bytes": job.size_bytes})
+            raise _Failed(str(e), _HINTS["input"]) from e
         except UploadCut as e:
             # Cut before its last byte: nothing arrived. A fresh URL (and remote job) once the window opens.
             self._tickets.pop(job.id, None)
@@ -442,7 +460,31 @@ class Runner:
                 detail={"error": scrub(str(e))},
             )
             raise
+        finally:
+            if check is not None and check.result is not None:
+                self._checked(job, model, check.result)  # the check passed: the PUT's last byte could leave
         return self._uploaded(job, model, duration_s=self._monotonic() - started)
+
+    def _sent_check(self, job: Job, model: ModelContext, path: Path) -> StreamCheck[checks.CsvReport] | None:
+        """For a CSV only hashed at packaging: the check to run on its bytes as the PUT sends them."""
+        if job.kind != "csv" or job.header is not None:
+            return None
+        try:
+            rules = model_rules(model.settings, self.ledger.reference_header(model.name, job.inbox))
+        except ValueError as e:  # header_file unreadable: the config's fault, not the file's
+            raise _Failed(str(e), "Fix `header_file` in the config, then `retrain-uploader retry {id}`.") from e
+        name = job.sources[0]
+        return StreamCheck(functools.partial(packager.check_sent_csv, name=name, rules=rules),
+                           path=path, sha256=job.sha256 or "")
+
+    def _checked(self, job: Job, model: ModelContext, report: checks.CsvReport) -> None:
+        """What the packaging step records for a CSV checked before sending, recorded once its check passed."""
+        self.ledger.update(job.id, header=report.header, event="checked",
+                           detail={"rows": report.rows, **({"warnings": list(report.warnings)} if report.warnings
+                                                            else {})})
+        if report.warnings:
+            log.warning("job.check_warnings", model=model.name, job_id=job.id, file=job.upload_filename,
+                        warnings=list(report.warnings), removed_entries=[])
 
     async def _settle(self, job: Job, model: ModelContext) -> Job:
         """A PUT of this job was started and its answer never came: ask the status check what became of it.
@@ -677,6 +719,13 @@ class Runner:
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:
         return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0  # the full check reports it
 
 
 def build_package(
