@@ -15,7 +15,7 @@ from pathlib import Path
 from retrain_uploader.emulator import Emulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests._proc import DaemonProcess, LedgerView, write_config  # noqa: E402 -- the tests' real-process helper
+from tests._proc import DaemonProcess, LedgerView, write_config
 
 MODELS = 200
 SETTLE_S = 1.0
