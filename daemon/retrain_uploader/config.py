@@ -175,7 +175,12 @@ class PackagingSettings(_Section):
 class StatusSettings(_Section):
     """Following each upload to its end with the Retrain Status Check API."""
 
-    poll_s: PositiveFloat = 60.0
+    poll_s: PositiveFloat = 60.0  # the first interval between checks of a job; spread evenly, never in one burst
+    # The interval grows with the job's age (a tenth of it) up to this ceiling: a retraining that has run for hours
+    # needs no check every minute. Below poll_s, poll_s is the ceiling.
+    max_poll_s: PositiveFloat = 600.0
+    # Status checks in flight at once, apart from the upload workers: polls never take an upload's place.
+    max_concurrent_polls: Annotated[int, Field(ge=1)] = 8
     max_poll_delay_s: PositiveFloat = 3600.0  # backoff ceiling while status checks fail
     give_up_after_h: PositiveFloat = 48.0
     download_result: bool = True

@@ -262,6 +262,10 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN header TEXT;
     """,
+    # 6: the tracker's query reads only the jobs it still has work on, however many finished ones the ledger keeps
+    """
+    CREATE INDEX jobs_state_result ON jobs(state, result_path);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _DUPLICATE_OF = (
@@ -449,23 +453,27 @@ class Ledger:
         if ids is not None and not ids:
             return []
         models = list(auto_switch_models)
-        sql = (
-            "SELECT * FROM jobs WHERE (state IN (?, ?) OR (state = ? AND ((? AND result_path IS NULL)"  # noqa: S608
-            f" OR model IN ({', '.join('?' * len(models))}))) OR (state = ? AND ? AND result_path IS NULL))"
-        )
-        args: list[Any] = [
-            State.UPLOADED,
-            State.RETRAINING,
-            State.FINISHED,
-            int(download),
-            *models,
-            State.SWITCHED,
-            int(download),
-        ]
-        if ids is not None:
-            sql += f" AND id IN ({', '.join('?' * len(ids))})"
-            args += list(ids)
-        return [_job(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+        if ids is not None:  # by primary key, then the whole rule
+            sql = (
+                f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(ids))}) AND (state IN (?, ?)"  # noqa: S608
+                f" OR (state = ? AND ((? AND result_path IS NULL) OR model IN ({', '.join('?' * len(models))})))"
+                " OR (state = ? AND ? AND result_path IS NULL)) ORDER BY id"
+            )
+            args: list[Any] = [*ids, State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models]
+            args += [State.SWITCHED, int(download)]
+            return [_job(r) for r in self._db.execute(sql, args)]
+        # One narrow index lookup per way of still being tracked (jobs_state_result, jobs_model_state): finished
+        # and switched jobs whose work is done are never read.
+        parts = ["SELECT * FROM jobs WHERE state IN (?, ?)"]
+        args = [State.UPLOADED, State.RETRAINING]
+        if download:
+            parts.append("SELECT * FROM jobs WHERE state IN (?, ?) AND result_path IS NULL")
+            args += [State.FINISHED, State.SWITCHED]
+        if models:
+            parts.append(f"SELECT * FROM jobs WHERE model IN ({', '.join('?' * len(models))}) AND state = ?")  # noqa: S608
+            args += [*models, State.FINISHED]
+        sql = " UNION ".join(parts) + " ORDER BY id"
+        return [_job(r) for r in self._db.execute(sql, args)]
 
     def unfinished(self) -> list[Job]:
         """Jobs the daemon still owes something: a step, or the move of their sources."""

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from . import packager
+from . import limits, packager
 from .admin import PROBE_JOB_ID, window_text
 from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
@@ -34,6 +34,7 @@ from .redact import register_secret
 from .runner import Closed, ModelContext, Parked, RetryLater, Runner, WaitForWindow, context_for, inbox_key
 from .tracker import RetrainTracker
 from .watcher import Candidate, InboxWatcher, Reject
+from .watchhub import WatchHub
 
 __all__ = ["Service"]
 
@@ -68,6 +69,7 @@ class Service:
         self.ready = asyncio.Event()
         self.models: dict[str, ModelContext] = {}
         self._watchers: dict[str, InboxWatcher] = {}
+        self.watch_hub = WatchHub(settings.watch, clock=monotonic)  # one inotify instance for every inbox
         self._watch_stops: dict[str, asyncio.Event] = {}
         self._probes: dict[str, asyncio.TimerHandle] = {}
         # Files held by a job, by (resolved inbox, file name): whatever the model is called now, a held file is never
@@ -143,8 +145,10 @@ class Service:
             workers = [
                 asyncio.create_task(self._worker(i), name=f"worker-{i}") for i in range(self.settings.pool.workers)
             ]
+            self._check_limits()
             for name in list(self._watchers):
                 self._run_watcher(name)
+            self._spawn(self.watch_hub.run(self.stop_event), "watch-hub")
             self._spawn(self._heartbeat(), "heartbeat")
             self._spawn(self.window.run(self.stop_event), "upload-window")
             self._spawn(self.tracker.run(self.stop_event), "retrain-tracker")
@@ -223,6 +227,7 @@ class Service:
         active = {name for name, stop in self._watch_stops.items() if not stop.is_set()}
         new_names = {m.name for m in new.models}
         self.settings = self.runner.settings = self.tracker.settings = new
+        self.watch_hub.apply(new.watch)
         self.window.apply(new.upload.timetable(), abort_on_close=new.upload.on_close == "abort")
         for name in sorted(active - new_names):
             self._watch_stops[name].set()  # its queued and in-flight jobs still finish
@@ -265,6 +270,19 @@ class Service:
         log.info("config.reloaded", models=sorted(new_names))
         self._notifier.send("READY=1", f"STATUS={self.summary()}")
         return True
+
+    def _check_limits(self) -> None:
+        s = self.settings
+        inboxes = len({inbox_key(m.inbox) for m in s.models})
+        result = limits.plan(
+            limits.read_limits(),
+            inboxes=inboxes,
+            workers=s.pool.workers,
+            polls=s.status.max_concurrent_polls,
+            force_polling=s.watch.force_polling,
+        )
+        limits.apply(result)
+        self.watch_hub.event_slots = result.event_slots
 
     def _run_watcher(self, name: str) -> None:
         stop = self._watch_stops[name] = asyncio.Event()
@@ -356,6 +374,7 @@ class Service:
             on_reject=functools.partial(self._reject, model.name),
             is_taken=functools.partial(self._is_taken, inbox_key(model.inbox)),
             clock=self._monotonic,
+            hub=self.watch_hub,
         )
 
     def _pause(self, ctx: ModelContext, reason: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import random
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -24,11 +26,22 @@ from .policy import Pause, backoff_delay, classify
 from .redact import scrub
 from .runner import ModelContext, context_for
 
-__all__ = ["FINISHED_STATUS", "NOT_FINISHED_MESSAGE", "RetrainTracker", "interpret"]
+__all__ = ["FINISHED_STATUS", "NOT_FINISHED_MESSAGE", "RetrainTracker", "interpret", "poll_interval"]
 
 log = structlog.get_logger("retrain_uploader.tracker")
 
 NOT_FINISHED_MESSAGE = "Retrain job is not finished."
+_AGE_FRACTION = 0.1  # a job is checked about ten times over any stretch of its life, once past the first interval
+
+
+def poll_interval(age_s: float, *, poll_s: float, max_poll_s: float) -> float:
+    """Seconds to the next regular check of a job uploaded ``age_s`` ago: ``poll_s`` at first, then a tenth of its
+    age, never more than ``max_poll_s`` (nor less than ``poll_s``)."""
+    return max(poll_s, min(max_poll_s, _AGE_FRACTION * age_s))
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 class RetrainTracker:
@@ -44,6 +57,7 @@ class RetrainTracker:
         on_pause: Callable[[ModelContext, str], None],
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -53,6 +67,9 @@ class RetrainTracker:
         self._clock = clock
         self._monotonic = monotonic
         self._next: dict[int, float] = {}  # job id -> monotonic time of its next check
+        self._heap: list[tuple[float, int]] = []  # the same, ordered; entries that no longer match are skipped
+        self._inflight: set[int] = set()
+        self._random = rng or random.Random()  # jitter, not a secret
         self._failures: dict[int, int] = {}
         self._wake = asyncio.Event()
         self._poked: set[int] = set()
@@ -68,49 +85,113 @@ class RetrainTracker:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self._wake.clear()
-            now = self._monotonic()
-            ids: set[int] | None = None
-            if self._full or now >= self._next_full:
-                self._next_full = now + self.settings.status.poll_s
-            else:  # between full polls: only the jobs poked or due
-                ids = self._poked | {job_id for job_id, due in self._next.items() if due <= now}
-            self._poked, self._full = set(), False
-            try:
-                await self.poll_once(ids)
-            except Exception:  # the ledger, say: log it and poll again next interval, never stop following jobs
-                log.exception("retrain.poll_failed")
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({waiter, stopper}, timeout=self._sleep_s(), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+        """Check each job when it is due, at most ``max_concurrent_polls`` at a time, until ``stop``."""
+        size = self.settings.status.max_concurrent_polls
+        queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=size)
+        workers = {asyncio.create_task(self._worker(queue), name=f"retrain-poll-{n}") for n in range(size)}
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self.poll_once(queue)
+                except Exception:  # the ledger, say: log it and poll again next interval, never stop following jobs
+                    log.exception("retrain.poll_failed")
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait(
+                        {waiter, stopper}, timeout=self._sleep_s(), return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     def _sleep_s(self) -> float:
-        wake_at = min([self._next_full, *self._next.values()])
+        while self._heap and self._next.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)  # a schedule since replaced or dropped
+        wake_at = min(self._next_full, self._heap[0][0]) if self._heap else self._next_full
         return max(0.0, wake_at - self._monotonic())
 
-    async def poll_once(self, ids: set[int] | None = None) -> None:
-        """Check every job that is due (of ``ids`` only, if given), at most ``workers`` at a time."""
+    def _schedule(self, job_id: int, at: float) -> None:
+        self._next[job_id] = at
+        heapq.heappush(self._heap, (at, job_id))
+
+    def _due(self, now: float) -> set[int]:
+        due: set[int] = set()
+        while self._heap and self._heap[0][0] <= now:
+            at, job_id = heapq.heappop(self._heap)
+            if self._next.get(job_id) == at:
+                del self._next[job_id]
+                due.add(job_id)
+        return due
+
+    async def poll_once(self, queue: asyncio.Queue[Job]) -> None:
+        """Hand the jobs that are due (and the ones poked) to the poll workers.
+
+        Every ``poll_s`` the ledger is read for the jobs still tracked: those not scheduled yet (at start, or after a
+        model resumed) are spread evenly over the next ``poll_s``, never checked in one burst.
+        """
         now = self._monotonic()
+        if self._full or now >= self._next_full:
+            self._full = False
+            self._next_full = now + self.settings.status.poll_s
+            self._reschedule(now)
+        due = (self._due(now) | self._poked) - self._inflight
+        self._poked = set()
+        if not due:
+            return
+        found: set[int] = set()
+        ids = sorted(due)
+        for chunk in range(0, len(ids), 500):  # well under SQLite's limit of bound parameters
+            for job in self._tracked(ids[chunk : chunk + 500]):
+                found.add(job.id)
+                if not self._wanted(job):
+                    self._next.pop(job.id, None)  # a paused model: resuming pokes a full poll
+                    continue
+                self._next.pop(job.id, None)
+                self._inflight.add(job.id)
+                await queue.put(job)
+        for gone in due - found:  # ended, or moved on by the CLI
+            self._next.pop(gone, None)
+            self._failures.pop(gone, None)
+
+    def _tracked(self, ids: list[int] | None) -> list[Job]:
         auto = [name for name, ctx in self.models.items() if ctx.settings.auto_switch]
-        jobs = self.ledger.tracked(download=self.settings.status.download_result, auto_switch_models=auto, ids=ids)
-        wanted = [job for job in jobs if self._wanted(job)]
-        due = [job for job in wanted if self._next.get(job.id, 0) <= now]
-        # Forget schedules of jobs not wanted now (a paused model: resuming pokes a full poll) or no longer tracked
-        # (ended, or moved on by the CLI): a stale due time in the past would make the loop spin.
+        return self.ledger.tracked(download=self.settings.status.download_result, auto_switch_models=auto, ids=ids)
+
+    def _reschedule(self, now: float) -> None:
+        wanted = [job for job in self._tracked(None) if self._wanted(job)]
         keep = {job.id for job in wanted}
-        self._next = {k: v for k, v in self._next.items() if k in keep or (ids is not None and k not in ids)}
-        limit = asyncio.Semaphore(self.settings.pool.workers)
+        # Forget schedules of jobs not wanted now (a paused model) or no longer tracked: resuming pokes a full poll.
+        self._next = {k: v for k, v in self._next.items() if k in keep}
+        self._heap = [(at, k) for k, at in self._next.items()]
+        heapq.heapify(self._heap)
+        new = [job.id for job in wanted if job.id not in self._next and job.id not in self._inflight]
+        new = [job_id for job_id in new if job_id not in self._poked]
+        for n, job_id in enumerate(new):
+            self._schedule(job_id, now + self.settings.status.poll_s * n / len(new))
 
-        async def check(job: Job) -> None:
-            async with limit:
+    async def _worker(self, queue: asyncio.Queue[Job]) -> None:
+        while True:
+            job = await queue.get()
+            try:
                 await self._check(job)
+            except Exception:
+                log.exception("retrain.check_crashed", model=job.model, job_id=job.id)
+            finally:
+                self._inflight.discard(job.id)
 
-        await asyncio.gather(*(check(job) for job in due))
+    def _interval(self, job: Job) -> float:
+        """The next regular check of ``job``: its age's interval with 10 % jitter, so checks never line up."""
+        status = self.settings.status
+        age = 0.0
+        if job.uploaded_at is not None:
+            age = self._clock() - _timestamp(job.uploaded_at)
+        return poll_interval(age, poll_s=status.poll_s, max_poll_s=status.max_poll_s) * self._random.uniform(0.9, 1.1)
 
     def _wanted(self, job: Job) -> bool:
         ctx = context_for(self.models, job)
@@ -150,7 +231,7 @@ class RetrainTracker:
             self._on_error(job, ctx, e)
             return
         self._failures.pop(job.id, None)
-        self._next[job.id] = self._monotonic() + self.settings.status.poll_s
+        self._schedule(job.id, self._monotonic() + self._interval(job))
 
     def _give_up(self, job: Job) -> None:
         hours = self.settings.status.give_up_after_h
@@ -262,7 +343,7 @@ class RetrainTracker:
         verdict = classify(error)
         if isinstance(verdict, Pause):
             self._on_pause(ctx, verdict.reason)
-            self._next[job.id] = self._monotonic() + self.settings.status.poll_s
+            self._schedule(job.id, self._monotonic() + self.settings.status.poll_s)
             return
         failures = self._failures.get(job.id, 0) + 1
         self._failures[job.id] = failures
@@ -295,7 +376,7 @@ class RetrainTracker:
         delay = backoff_delay(failures, base_s=status.poll_s, max_s=max(status.max_poll_delay_s, status.poll_s))
         if isinstance(error, ApiError) and error.message.strip() == NOT_FINISHED_MESSAGE:
             delay = status.poll_s
-        self._next[job.id] = self._monotonic() + delay
+        self._schedule(job.id, self._monotonic() + delay)
         log.warning(
             "retrain.check_failed",
             **job.log_fields(),
@@ -310,5 +391,4 @@ class RetrainTracker:
     def _timed_out(self, job: Job) -> bool:
         if job.state in (State.FINISHED, State.SWITCHED) or job.uploaded_at is None:
             return False
-        uploaded = datetime.fromisoformat(job.uploaded_at.replace("Z", "+00:00")).timestamp()
-        return self._clock() - uploaded > self.settings.status.give_up_after_h * 3600
+        return self._clock() - _timestamp(job.uploaded_at) > self.settings.status.give_up_after_h * 3600

@@ -2,8 +2,9 @@
 
 File-system events are only hints that wake the scanner: every decision is made from a fresh ``lstat`` of the
 inbox's top level, at start, on each event, at each settle deadline and on a periodic rescan (inotify can overflow,
-watchfiles can drop events, network mounts send none). The event watch itself is kept alive: when it fails (a name
-that is not UTF-8 ends watchfiles' iterator) or its folder is replaced (removed and made again), it is set up again.
+watchfiles can drop events, network mounts send none). The events come from one watch over every inbox
+(:class:`~.watchhub.WatchHub`), kept alive there: when it fails (a name that is not UTF-8 ends watchfiles' iterator)
+or an inbox is replaced (removed and made again), it is set up again.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import structlog
-import watchfiles
 
 from .config import WatchSettings
-from .policy import backoff_delay
+from .watchhub import WatchHub
 
 __all__ = [
     "DONE_DIR",
@@ -202,44 +202,13 @@ def _signature(st: os.stat_result) -> Signature:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-class _WatchStop:
-    """Ends one watchfiles iterator: when the daemon stops, or to set the watch up again (``set``).
-
-    watchfiles asks ``is_set()`` from its own thread, every ``step`` ms.
-    """
-
-    def __init__(self, stop: asyncio.Event) -> None:
-        self._stop = stop
-        self._again = False
-
-    def is_set(self) -> bool:
-        return self._again or self._stop.is_set()
-
-    def set(self) -> None:
-        self._again = True
-
-
-def _folder_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _describe(error: BaseException) -> str:
-    # watchfiles raises from inside an anyio task group: name the real errors, not "unhandled errors in a TaskGroup".
-    if isinstance(error, BaseExceptionGroup):
-        return "; ".join(_describe(e) for e in error.exceptions)
-    return f"{type(error).__name__}: {error}"
-
-
 class InboxWatcher:
     """Watches one model's inbox and hands each settled candidate (once) to ``on_candidate``.
 
     ``is_taken(name)`` tells which names already belong to a job, so a file is never taken twice. A rejected entry
     is handed to ``on_reject`` once while it stays the same entry (same ``lstat`` signature), even when moving it
-    out failed: a new job at every scan would only repeat the same failure.
+    out failed: a new job at every scan would only repeat the same failure. Its events come from ``hub`` (the
+    daemon's one watch over every inbox), or from a watch of its own when there is none.
     """
 
     def __init__(
@@ -253,6 +222,7 @@ class InboxWatcher:
         is_taken: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
         rewatch_base_s: float = 0.05,
+        hub: WatchHub | None = None,
     ) -> None:
         self.model = model
         self.inbox = inbox
@@ -262,29 +232,40 @@ class InboxWatcher:
         self._is_taken = is_taken
         self._clock = clock
         self._rewatch_base_s = rewatch_base_s
+        self._hub = hub
+        self._active_hub: WatchHub | None = None  # the hub it is registered with while it runs
         self._tracker = SettleTracker(settings.settle_s)
         self._wake = asyncio.Event()
         self._warned_halves: set[str] = set()
         self._rejected: dict[str, Signature | None] = {}
         self._scan_failed = False
-        self._watch: _WatchStop | None = None
-        self._watched: tuple[int, int] | None = None  # the folder the event watch is set up on
-        self._watch_warned_at = -1e9
+
+    @property
+    def inbox_path(self) -> str:
+        return str(self.inbox)
 
     def poke(self) -> None:
         """Scan again soon (an event arrived, or a file was released)."""
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        events = asyncio.create_task(self._events(stop), name=f"watch-events-{self.model}")
-        # Let the events task set up the inotify watch before the first scan: a file dropped between the scan and
-        # the watch would otherwise wait for the periodic rescan.
+        hub = self._hub
+        own: asyncio.Task[None] | None = None
+        if hub is None:  # on its own (a test, a tool): a watch of its own
+            hub = WatchHub(self.settings, clock=self._clock, rewatch_base_s=self._rewatch_base_s)
+            own = asyncio.create_task(hub.run(stop), name=f"watch-events-{self.model}")
+        self._active_hub = hub
+        hub.add(self)
+        # Let the hub set up its watch before the first scan: a file dropped between the scan and the watch would
+        # otherwise wait for the periodic rescan (the hub also wakes every inbox once its watch is up).
         await asyncio.sleep(0)
         try:
             while not stop.is_set():
                 self._wake.clear()
                 await self.scan_once()
                 timeout = self.settings.rescan_s
+                if self._scan_failed:  # the inbox is gone: look for it again soon, to watch it again once it is back
+                    timeout = min(timeout, max(1.0, self.settings.settle_s))
                 due = self._tracker.next_due(self._clock())
                 if due is not None:
                     timeout = min(timeout, due + 0.01)
@@ -296,12 +277,16 @@ class InboxWatcher:
                     waiter.cancel()
                     stopper.cancel()
         finally:
-            events.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await events
+            hub.remove(self)
+            self._active_hub = None
+            if own is not None:
+                own.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await own
 
     async def scan_once(self) -> None:
-        self._check_watched()
+        if self._active_hub is not None:
+            self._active_hub.check(self.inbox_path)
         try:
             files, rejects = scan(self.inbox)
         except OSError as e:
@@ -340,61 +325,3 @@ class InboxWatcher:
             log.exception("inbox.take_failed", model=self.model, file=file)
         # Each take commits to the ledger: let workers start on the first files of a burst of a thousand.
         await asyncio.sleep(0)
-
-    def _check_watched(self) -> None:
-        # An inbox removed (or renamed away) and made again is another folder: the old watch sees nothing of it.
-        watch = self._watch
-        if watch is not None and _folder_identity(self.inbox) != self._watched:
-            watch.set()
-
-    async def _events(self, stop: asyncio.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            watch = self._watch = _WatchStop(stop)
-            self._watched = _folder_identity(self.inbox)
-            started = self._clock()
-            # A new watch saw nothing of what happened before it: scan once it is set up (watchfiles sets it up
-            # before its first await, so the scanner runs after that).
-            self._wake.set()
-            try:
-                async for _ in watchfiles.awatch(
-                    self.inbox,
-                    stop_event=watch,
-                    recursive=False,
-                    debounce=50,
-                    step=20,
-                    force_polling=self.settings.force_polling,
-                    poll_delay_ms=self.settings.poll_delay_ms,
-                    watch_filter=None,
-                    ignore_permission_denied=True,
-                ):
-                    failures = 0
-                    self._wake.set()
-                    self._check_watched()
-            except Exception as e:
-                # Any error ends watchfiles' iterator (a name that is not UTF-8 does, from its thread, wrapped in an
-                # ExceptionGroup). The periodic rescan still finds everything; set the watch up again soon.
-                if self._clock() - started > self.settings.rescan_s:
-                    failures = 0
-                failures += 1
-                # Capped low: while the watch is down only the rescan sees drops, and a file that keeps failing the
-                # watch (a changing name that is not UTF-8, even an ignored one) must not make every drop wait.
-                cap = min(self.settings.rescan_s, max(1.0, self.settings.settle_s))
-                delay = backoff_delay(failures, base_s=self._rewatch_base_s, max_s=cap)
-                now = self._clock()
-                if failures == 1 or now - self._watch_warned_at >= 60.0:  # a streak: one line a minute, not a second
-                    self._watch_warned_at = now
-                    log.warning(
-                        "inbox.watch_failed",
-                        model=self.model,
-                        error=_describe(e),
-                        retry_in_s=round(delay, 3),
-                        failures_in_a_row=failures,
-                    )
-                self._wake.set()  # what the failed watch would have reported is lost
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-            else:
-                if not stop.is_set():
-                    log.info("inbox.rewatched", model=self.model, inbox=str(self.inbox))
-        self._watch = None
