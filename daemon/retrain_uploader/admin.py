@@ -239,10 +239,24 @@ def _one_line(text: str) -> str:
 
 
 def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
-    """Move a failed job's files from failed/ back into the inbox, where the daemon takes them as a new job."""
+    """Move a failed job's files from failed/ back into the inbox, where the daemon takes them as a new job; or, for
+    a retrain_timeout job, follow its retraining again. Returns the lines to print."""
     job = ledger.get(job_id)
+    if job.state is State.RETRAIN_TIMEOUT:
+        # Its retraining was given up on, not its upload: follow it again (the daemon asks its status at its next
+        # poll; a retraining that finished meanwhile becomes `finished`, and can be switched to).
+        ledger.update(
+            job.id,
+            state=State.RETRAINING,
+            watched_s=0.0,
+            error=None,
+            event="retried",
+            detail={"follow_again": True},
+            expect_state=State.RETRAIN_TIMEOUT,
+        )
+        return [f"following the retraining of job {job.id} again (retrain job {job.retrain_job_id})"]
     if job.state is not State.FAILED:
-        raise ValueError(f"it is {job.state}, only failed jobs can be retried")
+        raise ValueError(f"it is {job.state}, only failed (or retrain_timeout) jobs can be retried")
     if not job.closed:
         raise ValueError("the daemon is still moving its files; try again in a moment")
     retried = [e["at"] for e in ledger.events(job.id) if e["event"] == "retried"]
@@ -270,13 +284,15 @@ def retry_job(settings: Settings, ledger: Ledger, job_id: int) -> list[str]:
         if error_file.exists():
             error_file.rename(error_file.with_name(error_file.name + ".retried"))
     ledger.update(job.id, event="retried", detail={"restored": [n for n, _ in present]})
-    return [n for n, _ in present]
+    return [f"restored {n}" for n, _ in present]
 
 
 async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     """Publish the retrained model of a job (Retrain Model Switch) after a person reviewed the result."""
     job = ledger.get(job_id)
-    if job.state not in (State.FINISHED, State.UPLOADED, State.RETRAINING) or not job.retrain_job_id:
+    # retrain_timeout: the daemon stopped asking, but the retraining may have finished since; the API says.
+    switchable = (State.FINISHED, State.UPLOADED, State.RETRAINING, State.RETRAIN_TIMEOUT)
+    if job.state not in switchable or not job.retrain_job_id:
         raise ValueError(f"it is {job.state}; only a finished retraining can be switched to")
     key = settings.model(job.model).read_api_key()
     client = _client(settings)

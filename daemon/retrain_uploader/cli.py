@@ -332,7 +332,7 @@ def _on_job(args: argparse.Namespace, verb: str, action: Callable[[Settings, Led
 def _cmd_retry(args: argparse.Namespace) -> int:
     from .admin import retry_job
 
-    return _on_job(args, "retry", lambda s, ledger, i: [f"restored {name}" for name in retry_job(s, ledger, i)])
+    return _on_job(args, "retry", retry_job)
 
 
 def _cmd_switch(args: argparse.Namespace) -> int:

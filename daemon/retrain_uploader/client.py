@@ -35,6 +35,7 @@ __all__ = [
     "Client",
     "JobStatus",
     "ProxyAuthFailed",
+    "ResultTooLarge",
     "SourceChanged",
     "TransportError",
     "UploadCut",
@@ -132,6 +133,10 @@ class UploadCut(TransportError):
     def __init__(self, *, sent: int, size: int) -> None:
         self.sent = sent
         super().__init__("put", f"the upload window closed; cut after {sent} of {size} bytes", body_complete=False)
+
+
+class ResultTooLarge(ValueError):
+    """A retraining result over ``[status] max_result_bytes``: not downloaded, not retried."""
 
 
 class SourceChanged(RuntimeError):
@@ -503,8 +508,11 @@ class Client:
             detail = "timed out waiting for the storage server"
             raise TransportError("put", detail, body_complete=payload.last_byte_handed_over) from None
 
-    async def download(self, url: str, dest: Path) -> int:
-        """Stream ``url`` into ``dest`` (via a hidden temporary name); returns the byte count."""
+    async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
+        """Stream ``url`` into ``dest`` (via a hidden temporary name); returns the byte count.
+
+        No progress for ``upload_read_timeout_s`` aborts it (TransportError); more than ``max_bytes`` raises
+        :class:`ResultTooLarge`. The partial file never stays."""
         part = dest.with_name(f".{dest.name}.part")  # hidden until complete
         total = 0
         try:
@@ -513,11 +521,15 @@ class Client:
                 self._proxy_answered_407("download", resp, target)
                 if resp.status >= 300:
                     raise await _put_error(resp, endpoint="download")
+                if max_bytes is not None and (resp.content_length or 0) > max_bytes:
+                    raise ResultTooLarge(f"the result is {resp.content_length} bytes, over max_result_bytes")
                 # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
                 with open(part, "wb") as f:  # noqa: ASYNC230 -- each write goes to a thread below
                     async for chunk in resp.content.iter_chunked(_CHUNK):
-                        await asyncio.to_thread(f.write, chunk)
                         total += len(chunk)
+                        if max_bytes is not None and total > max_bytes:
+                            raise ResultTooLarge(f"the result is over max_result_bytes ({max_bytes} bytes)")
+                        await asyncio.to_thread(f.write, chunk)
             part.replace(dest)
         except aiohttp.ClientError as e:
             part.unlink(missing_ok=True)

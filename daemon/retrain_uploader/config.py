@@ -182,8 +182,12 @@ class StatusSettings(_Section):
     # Status checks in flight at once, apart from the upload workers: polls never take an upload's place.
     max_concurrent_polls: Annotated[int, Field(ge=1)] = 8
     max_poll_delay_s: PositiveFloat = 3600.0  # backoff ceiling while status checks fail
+    # A retraining still "in progress" after being watched this long (status answers received; time the daemon was
+    # down or the model paused does not count) ends as retrain_timeout.
     give_up_after_h: PositiveFloat = 48.0
     download_result: bool = True
+    # A result larger than this is not downloaded (result_path ""); downloads run beside the polls, two at a time.
+    max_result_bytes: Annotated[int, Field(gt=0)] = 1 << 30
     # `status --check` warns when a file has waited in an inbox longer than this.
     alert_waiting_s: PositiveFloat = 3600.0
 

@@ -143,6 +143,8 @@ class Job:
     # Bytes of the body sent by the PUT in flight (or the last one), as of its last progress report.
     bytes_sent: int | None = None
     header: tuple[str, ...] | None = None  # the (training) header checked at packaging; schema 5
+    # Seconds this retraining has been watched with real status answers (schema 7); give_up_after_h counts these.
+    watched_s: float | None = None
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log line about this job carries, so `jq 'select(.job_id==7 or .file=="x.csv")'` finds
@@ -265,6 +267,11 @@ _MIGRATIONS: tuple[str, ...] = (
     # 6: the tracker's query reads only the jobs it still has work on, however many finished ones the ledger keeps
     """
     CREATE INDEX jobs_state_result ON jobs(state, result_path);
+    """,
+    # 7: how long a retraining was actually watched (answers received), for give_up_after_h: not the wall clock since
+    # the upload, which counts a daemon that was down or a model that was paused
+    """
+    ALTER TABLE jobs ADD COLUMN watched_s REAL;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -706,4 +713,5 @@ def _job(row: sqlite3.Row) -> Job:
         outcome_unknown_since=row["outcome_unknown_since"],
         bytes_sent=row["bytes_sent"],
         header=tuple(json.loads(row["header"])) if row["header"] else None,
+        watched_s=row["watched_s"],
     )

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import structlog
 
-from .client import ApiError, Client, JobStatus, TransportError
+from .client import ApiError, Client, JobStatus, ResultTooLarge, TransportError
 from .config import Settings
 from .ledger import Job, Ledger, StaleJob, State
 from .mover import plan_result_name
@@ -32,6 +32,8 @@ log = structlog.get_logger("retrain_uploader.tracker")
 
 NOT_FINISHED_MESSAGE = "Retrain job is not finished."
 _AGE_FRACTION = 0.1  # a job is checked about ten times over any stretch of its life, once past the first interval
+_PERSIST_S = 600.0  # watched time is written to the ledger in steps this big (a crash forgets at most one step)
+_DOWNLOADS = 2  # result downloads at once, beside the polls
 
 
 def poll_interval(age_s: float, *, poll_s: float, max_poll_s: float) -> float:
@@ -75,6 +77,13 @@ class RetrainTracker:
         self._poked: set[int] = set()
         self._full = True
         self._next_full = 0.0
+        # Watched time (see _watch): per job, seconds of real answers, the monotonic time of the last answer, and the
+        # part not yet written to the ledger (written every _PERSIST_S of it, and at the end).
+        self._watched: dict[int, float] = {}
+        self._last_answer: dict[int, float] = {}
+        self._unsaved: dict[int, float] = {}
+        self._downloads: dict[int, asyncio.Task[None]] = {}
+        self._download_slots = asyncio.Semaphore(_DOWNLOADS)
 
     def poke(self, job_id: int | None = None) -> None:
         """Check this job now (it was just uploaded), or every job when ``job_id`` is None (a model resumed)."""
@@ -106,9 +115,9 @@ class RetrainTracker:
                     waiter.cancel()
                     stopper.cancel()
         finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            for task in [*workers, *self._downloads.values()]:
+                task.cancel()
+            await asyncio.gather(*workers, *self._downloads.values(), return_exceptions=True)
 
     def _sleep_s(self) -> float:
         while self._heap and self._next.get(self._heap[0][1]) != self._heap[0][0]:
@@ -211,16 +220,15 @@ class RetrainTracker:
         assert ctx is not None  # _wanted() checked it
         assert job.retrain_job_id is not None
         try:
-            if self._timed_out(job):
-                self._give_up(job)
-                return
-        except StaleJob:
-            return
-        try:
+            # Always ask first: a job that finished while the daemon was down (or its model paused) is finished, not
+            # timed out; only a real answer that it is still in progress can end it as retrain_timeout.
             status = await self.client.get_status(ctx.api_key, job.retrain_job_id)
             job = self._record(job, status)
             if job.state in (State.FINISHED, State.SWITCHED):
                 await self._finish(job, ctx, status)
+            elif self._watch(job) > self.settings.status.give_up_after_h * 3600:
+                self._give_up(job)
+                return
         except StaleJob:
             return  # someone else (the CLI's switch) moved the job on; nothing to do
         except (ApiError, TransportError, OSError) as e:
@@ -233,17 +241,45 @@ class RetrainTracker:
         self._failures.pop(job.id, None)
         self._schedule(job.id, self._monotonic() + self._interval(job))
 
+    def _watch(self, job: Job) -> float:
+        """Seconds this retraining has been watched: the time between two real answers of this process, each gap
+        capped (a daemon that was down, or a model that was paused, does not count), plus what the ledger kept."""
+        now = self._monotonic()
+        last = self._last_answer.get(job.id)
+        self._last_answer[job.id] = now
+        status = self.settings.status
+        cap = 2 * max(status.max_poll_s, status.max_poll_delay_s, status.poll_s)
+        gap = 0.0 if last is None else min(max(now - last, 0.0), cap)
+        watched = self._watched.get(job.id, job.watched_s or 0.0) + gap
+        self._watched[job.id] = watched
+        unsaved = self._unsaved.get(job.id, 0.0) + gap
+        if unsaved >= _PERSIST_S:
+            self.ledger.update(job.id, watched_s=watched)
+            unsaved = 0.0
+        self._unsaved[job.id] = unsaved
+        return watched
+
+    def _forget(self, job_id: int) -> None:
+        for table in (self._watched, self._last_answer, self._unsaved):
+            table.pop(job_id, None)
+
     def _give_up(self, job: Job) -> None:
         hours = self.settings.status.give_up_after_h
-        reason = f"no end of retraining after {hours:g} h (last status {job.retrain_status!r}); check it in the UI"
+        watched = self._watched.get(job.id, 0.0)
+        reason = (
+            f"still {job.retrain_status!r} after being watched for {watched / 3600:.1f} h (give_up_after_h"
+            f" = {hours:g}); check it in the UI, or `retrain-uploader retry {job.id}` to follow it again"
+        )
         self.ledger.update(
             job.id,
             state=State.RETRAIN_TIMEOUT,
             error=reason,
+            watched_s=watched,
             event="retrain_timeout",
-            detail={"last_status": job.retrain_status},
+            detail={"last_status": job.retrain_status, "watched_s": round(watched, 1)},
             expect_state=job.state,
         )
+        self._forget(job.id)
         log.error(
             "retrain.gave_up",
             **job.log_fields(),
@@ -284,19 +320,32 @@ class RetrainTracker:
         return job
 
     async def _finish(self, job: Job, ctx: ModelContext, status: JobStatus) -> None:
+        self._forget(job.id)
         if self._needs_download(job) and not status.download_url:
             # download_url is optional in the API's schema: without one there is nothing to fetch, ever.
             job = self._no_result(job, "the finished job has no download_url")
-        elif self._needs_download(job) and status.download_url:
+        elif self._needs_download(job) and status.download_url and job.id not in self._downloads:
+            # Beside the polls, bounded: a slow result never holds up other jobs' checks, nor this job's switch.
+            task = asyncio.create_task(self._download(job, ctx, status.download_url), name=f"result-{job.id}")
+            self._downloads[job.id] = task
+            task.add_done_callback(lambda _: self._downloads.pop(job.id, None))
+        if ctx.settings.auto_switch and job.state is State.FINISHED:
+            await self.switch(job, ctx)
+
+    async def _download(self, job: Job, ctx: ModelContext, url: str) -> None:
+        async with self._download_slots:
             dest = plan_result_name(ctx.inbox, job.name, job_id=job.id)
-            size = await self.client.download(status.download_url, dest)
+            try:
+                size = await self.client.download(url, dest, max_bytes=self.settings.status.max_result_bytes)
+            except ResultTooLarge as e:
+                self._no_result(job, str(e))
+                return
+            except (ApiError, TransportError, OSError) as e:
+                self._on_error(job, ctx, e)  # asked again at its next check, with a fresh download_url
+                return
             relative = str(dest.relative_to(ctx.inbox))
-            job = self.ledger.update(
-                job.id,
-                result_path=relative,
-                event="result_downloaded",
-                detail={"path": relative, "size_bytes": size},
-                expect_state=job.state,
+            self.ledger.update(
+                job.id, result_path=relative, event="result_downloaded", detail={"path": relative, "size_bytes": size}
             )
             log.info(
                 "retrain.result_downloaded",
@@ -306,8 +355,6 @@ class RetrainTracker:
                 path=relative,
                 size_bytes=size,
             )
-        if ctx.settings.auto_switch and job.state is State.FINISHED:
-            await self.switch(job, ctx)
 
     async def switch(self, job: Job, ctx: ModelContext) -> Job:
         """Retrain Model Switch. "not finished" is not a failure: the caller tries again later."""
@@ -335,9 +382,7 @@ class RetrainTracker:
             **job.log_fields(),
             error=why,
         )
-        return self.ledger.update(
-            job.id, result_path="", event="result_unavailable", detail={"error": why}, expect_state=job.state
-        )
+        return self.ledger.update(job.id, result_path="", event="result_unavailable", detail={"error": why})
 
     def _on_error(self, job: Job, ctx: ModelContext, error: Exception) -> None:
         verdict = classify(error)
@@ -387,8 +432,3 @@ class RetrainTracker:
         )
         with contextlib.suppress(Exception):
             self.ledger.note_model(job.model, error=reason)
-
-    def _timed_out(self, job: Job) -> bool:
-        if job.state in (State.FINISHED, State.SWITCHED) or job.uploaded_at is None:
-            return False
-        return self._clock() - _timestamp(job.uploaded_at) > self.settings.status.give_up_after_h * 3600
