@@ -111,7 +111,9 @@ async def test_a_good_csv_is_checked_while_it_is_sent_and_its_header_recorded_af
     assert checked["detail"]["rows"] == 300_000
 
 
-async def test_a_cp932_csv_is_parsed_again_from_the_file_after_the_stream(start_daemon, emulator: Emulator) -> None:
+async def test_a_cp932_csv_is_checked_in_full_before_its_upload(start_daemon, emulator: Emulator) -> None:
+    # Not UTF-8: its check would read it a second time (as cp932) while the PUT held its last byte, long enough to
+    # look like a stalled upload (tests/test_hard_windows.py); it is checked before the upload instead.
     rows = ["id,都道府県,label"] + [f"{i},{'東京都' if i % 2 else '大阪府'},{i % 2}" for i in range(200_000)]
     content = ("\r\n".join(rows) + "\r\n").encode("cp932")
     d = await start_daemon(packaging=ONE_PASS)
@@ -121,6 +123,7 @@ async def test_a_cp932_csv_is_parsed_again_from_the_file_after_the_stream(start_
     assert job.uploaded_at is not None
     assert job.header == ("id", "都道府県", "label")
     assert [u.sha256 for u in emulator.uploads] == [hashlib.sha256(content).hexdigest()]
+    assert [e for e in d.events(job.id) if e["event"] == "checked"] == []  # checked at packaging, not while sent
 
 
 async def test_a_duplicate_of_a_large_csv_is_found_before_any_api_call(start_daemon, emulator: Emulator) -> None:
@@ -231,3 +234,27 @@ async def test_model_rules_run_in_the_streamed_check(start_daemon, emulator: Emu
     assert "is not a number in row 300002" in str(job.error)
     assert "check_failed" in [e["event"] for e in d.events(job.id)]
     assert emulator.uploads == []
+
+
+def quoted_cp932_csv(rows: int) -> bytes:
+    """A Japanese Excel export ("CSV (comma delimited)" is cp932) with a quoted text column: the slow csv path."""
+    lines = ["番号,金額,備考,ラベル"] + [f'{i},{i * 7 % 1000},"東京都港区、""品川"" {i}",{i % 2}' for i in range(rows)]
+    return ("\r\n".join(lines) + "\r\n").encode("cp932")
+
+
+async def test_a_cp932_csv_whose_second_reading_outlasts_the_put_watchdog_is_still_uploaded(
+    start_daemon, emulator: Emulator, tmp_path: Path
+) -> None:
+    """Found by review: the cp932 second reading ran while the PUT held its last byte and nothing moved on the
+    connection; past [api] upload_read_timeout_s (a real storage's own idle limit is the same shape) the PUT was
+    aborted as stalled, again through a fresh URL each time, and a good file failed. A CSV that is not UTF-8 is now
+    checked in full before its upload."""
+    content = quoted_cp932_csv(500_000)  # ~22 MB, its second reading ~1.3-3 s on this machine
+    d = await start_daemon(packaging=ONE_PASS, api={"upload_read_timeout_s": 0.3},
+                           retry={"max_attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.05})
+    drop(d.inbox(), "sjis.csv", content)
+    [job] = await d.closed_jobs(1, timeout=40)
+
+    assert job.state is not State.FAILED, job.error
+    assert [u.sha256 for u in emulator.uploads] == [hashlib.sha256(content).hexdigest()]
+    assert [r.endpoint for r in emulator.requests].count("upload_url") == 1

@@ -6,6 +6,7 @@ spec layout, in the same pass that checks and hashes each source. Synchronous: r
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import os
@@ -107,15 +108,28 @@ def package_csv(path: Path, *, cancel: threading.Event | None = None, rules: Rul
                    content_sha256=report.sha256, temporary=False, header=report.header, warnings=report.warnings)
 
 
-def hash_csv(path: Path, *, cancel: threading.Event | None = None) -> Package:
+def hash_csv(path: Path, *, cancel: threading.Event | None = None) -> Package | None:
     """Hash a dropped CSV (sha256 runs at GB/s), so a duplicate is found before any API call; its check runs later,
-    on the bytes as they are sent (:func:`check_sent_csv`), and the PUT's last byte waits for it."""
+    on the bytes as they are sent (:func:`check_sent_csv`), and the PUT's last byte waits for it.
+
+    None when the file is not UTF-8: its check would have to read it a second time (as cp932) while the PUT holds its
+    last byte, long enough to look like a stalled upload; such a file is checked in full before its upload instead.
+    """
     hasher, size = hashlib.sha256(), 0
     step = _watching(cancel, hasher.update)
+    utf8 = codecs.getincrementaldecoder("utf-8")()
     with open_regular(path) as f:
         while chunk := f.read(1 << 20):
             step(chunk)
             size += len(chunk)
+            try:
+                utf8.decode(chunk)
+            except UnicodeDecodeError:
+                return None
+    try:
+        utf8.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return None
     sha256 = hasher.hexdigest()
     return Package(path=path, upload_filename=path.name, size_bytes=size, sha256=sha256, content_sha256=sha256,
                    temporary=False, checked=False)

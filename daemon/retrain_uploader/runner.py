@@ -335,7 +335,10 @@ class Runner:
     def _build(self, job: Job, model: ModelContext, rules: Rules) -> packager.Package:
         paths = [model.inbox / name for name in job.sources]
         if job.kind == "csv" and _size(paths[0]) >= max(1, self.settings.packaging.stream_check_min_bytes):
-            return packager.hash_csv(paths[0], cancel=self._cancel)  # checked while it is sent: one pass
+            hashed = packager.hash_csv(paths[0], cancel=self._cancel)  # checked while it is sent: one pass
+            if hashed is not None:
+                return hashed
+            # Not UTF-8 (cp932, say): checked in full now, so the PUT never waits on a second reading.
         return build_package(job.kind, job.name, paths, self.settings, rules, job_id=job.id, cancel=self._cancel)
 
 
