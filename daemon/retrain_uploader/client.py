@@ -41,6 +41,7 @@ __all__ = [
     "UploadMeter",
     "UploadStalled",
     "UploadTicket",
+    "redirect_allowed",
 ]
 
 _API = "/v1/external/retrain_jobs"
@@ -504,28 +505,27 @@ class Client:
             raise TransportError("put", detail, body_complete=payload.last_byte_handed_over) from None
 
     async def download(self, url: str, dest: Path) -> int:
-        """Stream ``url`` into ``dest`` (via a hidden temporary name); returns the byte count."""
-        part = dest.with_name(f".{dest.name}.part")  # hidden until complete
-        total = 0
+        """Stream ``url`` into ``dest``; returns the byte count.
+
+        Redirects are followed only to https or to the same origin (``redirect_allowed``): a refused one is a
+        ``TransportError`` and nothing is written. The body goes to a hidden ``.part`` name, removed on any error.
+        """
+        origin = target = URL(url, encoded=True)
         try:
-            target = URL(url, encoded=True)
-            async with self.session.get(target, timeout=self._download_timeout, **self._via(target)) as resp:
-                self._proxy_answered_407("download", resp, target)
-                if resp.status >= 300:
-                    raise await _put_error(resp, endpoint="download")
-                # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
-                with open(part, "wb") as f:  # noqa: ASYNC230 -- each write goes to a thread below
-                    async for chunk in resp.content.iter_chunked(_CHUNK):
-                        await asyncio.to_thread(f.write, chunk)
-                        total += len(chunk)
-            part.replace(dest)
+            for _ in range(_MAX_REDIRECTS + 1):
+                async with self.session.get(
+                    target, timeout=self._download_timeout, allow_redirects=False, **self._via(target)
+                ) as resp:
+                    self._proxy_answered_407("download", resp, target)
+                    if resp.status in _REDIRECT_STATUSES and "Location" in resp.headers:
+                        target = _next_hop(origin, target, resp.headers["Location"])
+                        continue
+                    if resp.status >= 300:
+                        raise await _put_error(resp, endpoint="download")
+                    return await _save(resp, dest)
         except aiohttp.ClientError as e:
-            part.unlink(missing_ok=True)
-            raise await self._transport_error("download", e, URL(url, encoded=True)) from None
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        return total
+            raise await self._transport_error("download", e, target) from None
+        raise TransportError("download", f"more than {_MAX_REDIRECTS} redirects from {redact_url(str(origin))}")
 
     async def _api_call(self, endpoint: str, method: str, url: URL, api_key: str) -> dict[str, Any]:
         try:
@@ -554,6 +554,45 @@ class Client:
         if not isinstance(body, dict):
             raise ApiError(endpoint, resp.status, message=f"response is not a JSON object: {_excerpt(text, api_key)!r}")
         return body
+
+
+_MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def redirect_allowed(origin: URL, target: URL) -> bool:
+    """Whether a result download may follow a redirect from ``origin`` to ``target``: https, or the same origin."""
+    if target.scheme == "https":
+        return True
+    return (target.scheme, target.host, target.port) == (origin.scheme, origin.host, origin.port)
+
+
+def _next_hop(origin: URL, current: URL, location: str) -> URL:
+    target = current.join(URL(location, encoded=True))
+    if not redirect_allowed(origin, target):
+        detail = (
+            f"refused a redirect from {redact_url(str(origin))} to {redact_url(str(target))}:"
+            " result downloads follow redirects only to https or to the same host"
+        )
+        raise TransportError("download", detail)
+    return target
+
+
+async def _save(resp: aiohttp.ClientResponse, dest: Path) -> int:
+    """Write the body under a hidden name, renamed to ``dest`` when complete and removed on any error."""
+    part = dest.with_name(f".{dest.name}.part")  # the same name on every attempt: a killed run's is overwritten
+    total = 0
+    try:
+        # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
+        with open(part, "wb") as f:  # noqa: ASYNC230 -- each write goes to a thread below
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                await asyncio.to_thread(f.write, chunk)
+                total += len(chunk)
+        part.replace(dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return total
 
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
