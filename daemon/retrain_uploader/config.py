@@ -387,7 +387,8 @@ def _place(key: str, path: Path, kind: str = "folder") -> _Place:
 
 
 def _overlaps(settings: Settings) -> list[str]:
-    """One line per clash of an inbox with another inbox, the ledger's folder, the staging folder or the log file."""
+    """One line per clash of an inbox with another inbox (or its done/ and failed/), the ledger's folder, the staging
+    folder, or a file the daemon writes or reads (log, config, key, proxy password, CA bundle, header file)."""
     inboxes = [_place(f"models[{i}] ({m.name}).inbox", m.inbox) for i, m in enumerate(settings.models)]
     ledger = _place("ledger.path", settings.ledger.path, "ledger")
     others = [ledger]
@@ -398,11 +399,16 @@ def _overlaps(settings: Settings) -> list[str]:
         others.append(_place("logging.file", settings.logging.file, "file"))
     if settings.source is not None:
         others.append(_place("the config file", settings.source, "file"))
-    others += [
-        _place(f"models[{i}] ({m.name}).api_key_file", m.api_key_file, "file")
-        for i, m in enumerate(settings.models)
-        if m.api_key_file is not None
-    ]
+    # Files the daemon reads: in an inbox it would take them as data (a header CSV uploaded, a key moved to failed/).
+    for key in ("proxy_password_file", "ca_file"):
+        value = getattr(settings.api, key)
+        if value is not None:
+            others.append(_place(f"api.{key}", value, "file"))
+    for i, m in enumerate(settings.models):
+        for key in ("api_key_file", "header_file"):
+            value = getattr(m, key)
+            if value is not None:
+                others.append(_place(f"models[{i}] ({m.name}).{key}", value, "file"))
     problems = []
     for i, inbox in enumerate(inboxes):
         for earlier in inboxes[:i]:
