@@ -518,3 +518,17 @@ async def test_demo_once_uploads_the_samples_and_prints_the_ledger(tmp_path: Pat
     assert len(results) == 3 and all("result in done/" in line for line in results), result.out
     assert {line.split()[2] for line in ledger} == {"churn.csv", "sales-2026-11.zip", "来店予測.csv"}
     assert "the emulator received 3 upload(s)" in result.out
+
+
+@pytest.mark.slow
+async def test_demo_once_in_a_folder_used_before_uploads_its_own_samples(tmp_path: Path) -> None:
+    first = await cli("demo", "--once", "--dir", tmp_path / "demo", timeout=50)
+    assert first.code == 0, first
+    second = await cli("demo", "--once", "--dir", tmp_path / "demo", timeout=50)
+    assert second.code == 0, second
+    assert "the emulator received 3 upload(s)" in second.out  # not the first run's ledger, reported again
+    runs = sorted((tmp_path / "demo").iterdir())
+    assert len(runs) == 2 and all(run.name.startswith("run-") for run in runs)
+    untaken = [p.name for run in runs for p in (run / "inbox" / "demo").iterdir() if p.is_file()]
+    assert untaken == []
+
