@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -518,3 +519,41 @@ async def test_demo_once_uploads_the_samples_and_prints_the_ledger(tmp_path: Pat
     assert len(results) == 3 and all("result in done/" in line for line in results), result.out
     assert {line.split()[2] for line in ledger} == {"churn.csv", "sales-2026-11.zip", "来店予測.csv"}
     assert "the emulator received 3 upload(s)" in result.out
+
+
+@pytest.mark.slow
+async def test_demo_once_in_a_folder_used_before_uploads_its_own_samples(tmp_path: Path) -> None:
+    first = await cli("demo", "--once", "--dir", tmp_path / "demo", timeout=50)
+    assert first.code == 0, first
+    second = await cli("demo", "--once", "--dir", tmp_path / "demo", timeout=50)
+    assert second.code == 0, second
+    assert "the emulator received 3 upload(s)" in second.out  # not the first run's ledger, reported again
+    runs = sorted((tmp_path / "demo").iterdir())
+    assert len(runs) == 2 and all(run.name.startswith("run-") for run in runs)
+    untaken = [p.name for run in runs for p in (run / "inbox" / "demo").iterdir() if p.is_file()]
+    assert untaken == []
+
+
+
+def test_switch_of_a_job_whose_model_left_the_config_says_so(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with Ledger(state / "ledger.sqlite3") as ledger:
+        job = ledger.create_job(model="gone", kind="csv", name="a", sources=["a.csv"], upload_filename="a.csv",
+                                inbox=str(tmp_path / "in" / "gone"))
+        ledger.update(job.id, state=State.FINISHED, retrain_job_id="rj-1", closed=1)
+    key = tmp_path / "alpha.key"
+    key.write_text("key-alpha-0001\n")
+    key.chmod(0o600)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[api]\nbase_url = \"http://127.0.0.1:9\"\n[ledger]\npath = {json.dumps(str(state / 'ledger.sqlite3'))}\n"
+        f"[[models]]\nname = \"alpha\"\ninbox = {json.dumps(str(tmp_path / 'in' / 'alpha'))}\n"
+        f"api_key_file = {json.dumps(str(key))}\n"
+    )
+    config.chmod(0o600)
+    done = subprocess.run([*COMMAND, "switch", str(job.id), "--config", str(config)], capture_output=True, text=True,
+                          timeout=30, env=_env(), check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"retrain-uploader: cannot switch job {job.id}: model 'gone' is no longer in the config"
+    )

@@ -54,6 +54,24 @@ def _key_file(index: int, value: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _model(index: int, key: str, value: str) -> Callable[[dict[str, Any]], None]:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["models"][index][key] = value
+
+    return edit
+
+
+def _proxy_password(value: str) -> Callable[[dict[str, Any]], None]:
+    def edit(raw: dict[str, Any]) -> None:
+        password = Path(raw["ledger"]["path"]).parent.parent / value  # read at validation: it must exist
+        password.parent.mkdir(parents=True)
+        password.write_text("secret\n")
+        password.chmod(0o600)
+        raw["api"] = {"proxy": "http://user@127.0.0.1:3128", "proxy_password_file": value}
+
+    return edit
+
+
 A, B = "models[0] (alpha).inbox", "models[1] (beta).inbox"
 
 
@@ -89,10 +107,21 @@ A, B = "models[0] (alpha).inbox", "models[1] (beta).inbox"
             "models[0] (alpha).api_key_file ({t}/in/beta/alpha.key) lies inside {B} ({t}/in/beta)",
         ),
         (_inbox(0, "."), "the config file ({t}/config.toml) lies inside {A} ({t})"),
+        (_inbox(1, "in/alpha/done"), "{B} ({t}/in/alpha/done) lies inside {A} ({t}/in/alpha)"),
+        (_inbox(0, "/"), "ledger.path ({t}/state/ledger.sqlite3) lies inside {A} (/)"),
+        (
+            _model(0, "header_file", "in/alpha/header.csv"),
+            "models[0] (alpha).header_file ({t}/in/alpha/header.csv) lies inside {A} ({t}/in/alpha)",
+        ),
+        (
+            _proxy_password("in/beta/proxy.pw"),
+            "api.proxy_password_file ({t}/in/beta/proxy.pw) lies inside {B} ({t}/in/beta)",
+        ),
     ],
     ids=[
         "staging-in-inbox", "staging-is-inbox", "inbox-in-staging", "ledger-in-inbox", "inbox-in-ledger-folder",
         "inbox-is-ledger-folder", "nested-inboxes", "same-inbox", "log-in-inbox", "key-in-inbox", "config-in-inbox",
+        "inbox-is-anothers-done", "inbox-is-root", "header-file-in-inbox", "proxy-password-in-inbox",
     ],
 )
 def test_an_overlap_is_refused_naming_both_keys(

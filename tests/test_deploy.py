@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from retrain_uploader.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_LEDGER
 from retrain_uploader.config import PoolSettings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -82,6 +83,12 @@ def test_unit_lifecycle(service: dict[str, list[str]]) -> None:
     assert one(service, "User") == one(service, "Group") == "retrain-uploader"
     assert one(service, "StateDirectory") == "retrain-uploader"
     assert "PYTHONUNBUFFERED=1" in service["Environment"]
+
+
+def test_unit_does_not_restart_what_a_restart_cannot_fix(service: dict[str, list[str]]) -> None:
+    prevented = {int(code) for value in service.get("RestartPreventExitStatus", []) for code in value.split()}
+    assert {EXIT_CONFIG, EXIT_LEDGER} <= prevented  # a bad config; a damaged or newer-schema ledger
+    assert EXIT_FAILURE not in prevented
 
 
 def test_unit_stop_timeout_exceeds_the_daemons_grace(service: dict[str, list[str]]) -> None:

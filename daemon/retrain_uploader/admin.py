@@ -294,7 +294,11 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
     switchable = (State.FINISHED, State.UPLOADED, State.RETRAINING, State.RETRAIN_TIMEOUT)
     if job.state not in switchable or not job.retrain_job_id:
         raise ValueError(f"it is {job.state}; only a finished retraining can be switched to")
-    key = settings.model(job.model).read_api_key()
+    try:
+        model = settings.model(job.model)
+    except KeyError:  # not "no job N in the ledger": the job is there, its model is not
+        raise ValueError(f"model {job.model!r} is no longer in the config") from None
+    key = model.read_api_key()
     client = _client(settings)
     try:
         await client.switch_model(key, job.retrain_job_id)

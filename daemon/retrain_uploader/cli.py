@@ -17,12 +17,14 @@ from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
 from .history import DEFAULT_LISTING, job_document, job_story, job_table, parse_since
 from .journal import stderr_is_journal
-from .ledger import Ledger, LedgerLocked, LedgerUnreadable, State, iso, lock_held
+from .ledger import Ledger, LedgerDamaged, LedgerLocked, LedgerUnreadable, State, iso, lock_held
 from .logs import configure, escape_surrogates, run_main
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# `run` on a damaged, truncated or newer-schema ledger: a restart cannot fix it (RestartPreventExitStatus= lists it).
+EXIT_LEDGER = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -189,6 +191,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except LedgerLocked as e:
         log.error("service.cannot_start", error=str(e))
         return EXIT_FAILURE
+    except LedgerDamaged as e:
+        log.error("ledger.damaged", error=str(e), action="not started; restarting will not help")
+        return EXIT_LEDGER
     except OSError as e:  # the ledger folder, an inbox or the metrics port: say which, without a traceback
         where = f" ({e.filename})" if e.filename else ""
         log.error("service.cannot_start", error=f"cannot start: {e.strerror or e}{where}", path=e.filename)

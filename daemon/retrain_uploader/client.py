@@ -42,6 +42,7 @@ __all__ = [
     "UploadMeter",
     "UploadStalled",
     "UploadTicket",
+    "redirect_allowed",
 ]
 
 _API = "/v1/external/retrain_jobs"
@@ -509,35 +510,30 @@ class Client:
             raise TransportError("put", detail, body_complete=payload.last_byte_handed_over) from None
 
     async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
-        """Stream ``url`` into ``dest`` (via a hidden temporary name); returns the byte count.
+        """Stream ``url`` into ``dest``; returns the byte count.
 
-        No progress for ``upload_read_timeout_s`` aborts it (TransportError); more than ``max_bytes`` raises
-        :class:`ResultTooLarge`. The partial file never stays."""
-        part = dest.with_name(f".{dest.name}.part")  # hidden until complete
-        total = 0
+        Redirects are followed only to https or to the same origin (``redirect_allowed``): a refused one is a
+        ``TransportError`` and nothing is written. The body goes to a hidden ``.part`` name, removed on any error.
+        No progress for ``upload_read_timeout_s`` aborts it; more than ``max_bytes`` raises :class:`ResultTooLarge`.
+        """
+        origin = target = URL(url, encoded=True)
         try:
-            target = URL(url, encoded=True)
-            async with self.session.get(target, timeout=self._download_timeout, **self._via(target)) as resp:
-                self._proxy_answered_407("download", resp, target)
-                if resp.status >= 300:
-                    raise await _put_error(resp, endpoint="download")
-                if max_bytes is not None and (resp.content_length or 0) > max_bytes:
-                    raise ResultTooLarge(f"the result is {resp.content_length} bytes, over max_result_bytes")
-                # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
-                with open(part, "wb") as f:  # noqa: ASYNC230 -- each write goes to a thread below
-                    async for chunk in resp.content.iter_chunked(_CHUNK):
-                        total += len(chunk)
-                        if max_bytes is not None and total > max_bytes:
-                            raise ResultTooLarge(f"the result is over max_result_bytes ({max_bytes} bytes)")
-                        await asyncio.to_thread(f.write, chunk)
-            part.replace(dest)
+            for _ in range(_MAX_REDIRECTS + 1):
+                async with self.session.get(
+                    target, timeout=self._download_timeout, allow_redirects=False, **self._via(target)
+                ) as resp:
+                    self._proxy_answered_407("download", resp, target)
+                    if resp.status in _REDIRECT_STATUSES and "Location" in resp.headers:
+                        target = _next_hop(origin, target, resp.headers["Location"])
+                        continue
+                    if resp.status >= 300:
+                        raise await _put_error(resp, endpoint="download")
+                    if max_bytes is not None and (resp.content_length or 0) > max_bytes:
+                        raise ResultTooLarge(f"the result is {resp.content_length} bytes, over max_result_bytes")
+                    return await _save(resp, dest, max_bytes)
         except aiohttp.ClientError as e:
-            part.unlink(missing_ok=True)
-            raise await self._transport_error("download", e, URL(url, encoded=True)) from None
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        return total
+            raise await self._transport_error("download", e, target) from None
+        raise TransportError("download", f"more than {_MAX_REDIRECTS} redirects from {redact_url(str(origin))}")
 
     async def _api_call(self, endpoint: str, method: str, url: URL, api_key: str) -> dict[str, Any]:
         try:
@@ -566,6 +562,47 @@ class Client:
         if not isinstance(body, dict):
             raise ApiError(endpoint, resp.status, message=f"response is not a JSON object: {_excerpt(text, api_key)!r}")
         return body
+
+
+_MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def redirect_allowed(origin: URL, target: URL) -> bool:
+    """Whether a result download may follow a redirect from ``origin`` to ``target``: https, or the same origin."""
+    if target.scheme == "https":
+        return True
+    return (target.scheme, target.host, target.port) == (origin.scheme, origin.host, origin.port)
+
+
+def _next_hop(origin: URL, current: URL, location: str) -> URL:
+    target = current.join(URL(location, encoded=True))
+    if not redirect_allowed(origin, target):
+        detail = (
+            f"refused a redirect from {redact_url(str(origin))} to {redact_url(str(target))}:"
+            " result downloads follow redirects only to https or to the same host"
+        )
+        raise TransportError("download", detail)
+    return target
+
+
+async def _save(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int | None = None) -> int:
+    """Write the body under a hidden name, renamed to ``dest`` when complete and removed on any error."""
+    part = dest.with_name(f".{dest.name}.part")  # the same name on every attempt: a killed run's is overwritten
+    total = 0
+    try:
+        # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
+        with open(part, "wb") as f:  # noqa: ASYNC230 -- each write goes to a thread below
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise ResultTooLarge(f"the result is over max_result_bytes ({max_bytes} bytes)")
+                await asyncio.to_thread(f.write, chunk)
+        part.replace(dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return total
 
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:

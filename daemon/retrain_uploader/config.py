@@ -115,9 +115,43 @@ class ApiSettings(_Section):
             raise ConfigError(f"api.{e}") from None
 
 
+SECRET_FILE_MAX_BYTES = 4096  # an API key or a password is a line; more is the wrong file
+
+
+class _NotASecret(ValueError):
+    """A secret's file that is not a small regular file: refused before a byte of it is read."""
+
+
+def read_secret_file(path: Path) -> str:
+    """The text of a small regular file (a key, a password), read without ever blocking on it.
+
+    A FIFO or a device would block the reader (the event loop, at a reload) forever and a huge file would be read
+    whole: both are refused (``_NotASecret``); a file that cannot be opened raises ``OSError``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO does not wait
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            msg = f"{path} is not a regular file"
+            raise _NotASecret(msg)
+        if info.st_size > SECRET_FILE_MAX_BYTES:
+            msg = f"{path} is larger than {SECRET_FILE_MAX_BYTES} bytes ({info.st_size}): not a key or password file"
+            raise _NotASecret(msg)
+        data = os.read(fd, SECRET_FILE_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > SECRET_FILE_MAX_BYTES:  # grew after the check
+        msg = f"{path} is larger than {SECRET_FILE_MAX_BYTES} bytes: not a key or password file"
+        raise _NotASecret(msg)
+    return data.decode("utf-8")
+
+
 def _read_password(path: Path) -> str:
     try:
-        password = path.read_text(encoding="utf-8").strip()
+        password = read_secret_file(path).strip()
+    except _NotASecret as e:
+        msg = f"proxy_password_file: {e}"
+        raise ValueError(msg) from None
     except OSError as e:
         msg = f"proxy_password_file: cannot read {path}: {e.strerror}"
         raise ValueError(msg) from None
@@ -295,11 +329,15 @@ class ModelSettings(_Section):
                     raise ConfigError(msg)
                 path = Path(cred_dir) / str(self.api_key_credential)
             where = f"key file {path}"
+            source = "api_key_file" if self.api_key_file else "api_key_credential"
             try:
-                key = path.read_text(encoding="utf-8")
-            except OSError as e:
-                source = "api_key_file" if self.api_key_file else "api_key_credential"
-                msg = f"models.{self.name}.{source}: cannot read {where}: {e.strerror}"
+                key = read_secret_file(path)
+            except _NotASecret as e:
+                msg = f"models.{self.name}.{source}: key file {e}"
+                raise ConfigError(msg) from None
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+                msg = f"models.{self.name}.{source}: cannot read {where}: {reason}"
                 raise ConfigError(msg) from e
         key = key.strip()
         if not key:
@@ -396,7 +434,8 @@ def _place(key: str, path: Path, kind: str = "folder") -> _Place:
 
 
 def _overlaps(settings: Settings) -> list[str]:
-    """One line per clash of an inbox with another inbox, the ledger's folder, the staging folder or the log file."""
+    """One line per clash of an inbox with another inbox (or its done/ and failed/), the ledger's folder, the staging
+    folder, or a file the daemon writes or reads (log, config, key, proxy password, CA bundle, header file)."""
     inboxes = [_place(f"models[{i}] ({m.name}).inbox", m.inbox) for i, m in enumerate(settings.models)]
     ledger = _place("ledger.path", settings.ledger.path, "ledger")
     others = [ledger]
@@ -407,11 +446,16 @@ def _overlaps(settings: Settings) -> list[str]:
         others.append(_place("logging.file", settings.logging.file, "file"))
     if settings.source is not None:
         others.append(_place("the config file", settings.source, "file"))
-    others += [
-        _place(f"models[{i}] ({m.name}).api_key_file", m.api_key_file, "file")
-        for i, m in enumerate(settings.models)
-        if m.api_key_file is not None
-    ]
+    # Files the daemon reads: in an inbox it would take them as data (a header CSV uploaded, a key moved to failed/).
+    for key in ("proxy_password_file", "ca_file"):
+        value = getattr(settings.api, key)
+        if value is not None:
+            others.append(_place(f"api.{key}", value, "file"))
+    for i, m in enumerate(settings.models):
+        for key in ("api_key_file", "header_file"):
+            value = getattr(m, key)
+            if value is not None:
+                others.append(_place(f"models[{i}] ({m.name}).{key}", value, "file"))
     problems = []
     for i, inbox in enumerate(inboxes):
         for earlier in inboxes[:i]:

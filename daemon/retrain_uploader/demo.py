@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -28,8 +29,13 @@ def _samples() -> list[Path]:
 async def run_demo(*, once: bool, workdir: Path | None = None) -> int:
     """Start the emulator, a daemon on a temporary inbox, drop the samples, and show them uploaded."""
     own_dir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="retrain-uploader-demo-")) if workdir is None else workdir
-    root.mkdir(parents=True, exist_ok=True)
+    if workdir is None:
+        root = Path(tempfile.mkdtemp(prefix="retrain-uploader-demo-"))
+    else:
+        # Each run gets a fresh subfolder: an earlier run's ledger would otherwise report its jobs as this run's
+        # (and its emulator is gone), while this run's samples sat untaken as duplicates.
+        os.makedirs(workdir, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=workdir))
     inbox = root / "inbox" / "demo"
     key_file = root / "keys" / "demo"
     key_file.parent.mkdir(parents=True, exist_ok=True)

@@ -26,11 +26,13 @@ __all__ = [
     "SCHEMA_VERSION",
     "Job",
     "Ledger",
+    "LedgerDamaged",
     "LedgerLocked",
     "LedgerUnreadable",
     "StaleJob",
     "State",
     "connect_read_only",
+    "is_corruption",
     "iso",
     "lock_held",
     "reference_header",
@@ -74,6 +76,26 @@ class LedgerLocked(RuntimeError):
 
 class LedgerUnreadable(RuntimeError):
     """The ledger cannot be read (read-only open): missing, unreadable, or of another schema version."""
+
+
+class LedgerDamaged(LedgerUnreadable):
+    """The daemon's ledger is no database this program can use: damaged, truncated, or of a newer schema.
+
+    Restarting cannot fix it: ``run`` exits with its own status, which the systemd unit does not restart.
+    """
+
+
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_DAMAGED_FIX = (
+    "stop the daemon, move the file and its -wal/-shm aside (keep them for a look), then restore a backup or start"
+    " with a new ledger (files already sent may then be sent again)"
+)
+
+
+def is_corruption(error: sqlite3.Error) -> bool:
+    """Whether ``error`` says the database file itself is damaged (not busy, not a bug in a statement)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _CORRUPT_CODES
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
@@ -313,11 +335,28 @@ class Ledger:
         if lock:
             self._lock_fd = _take_lock(path.with_name(path.name + ".lock"))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if lock:
+                self._quick_check()  # the daemon: a damaged page now is one clear error, not failures at every take
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            if not is_corruption(e):
+                raise
+            raise LedgerDamaged(f"{path}: the ledger is damaged ({e}); {_DAMAGED_FIX}") from e
+        except LedgerDamaged:
+            self.close()
+            raise
+
+    def _quick_check(self) -> None:
+        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            msg = f"{self.path}: the ledger is damaged (PRAGMA quick_check: {'; '.join(problems)}); {_DAMAGED_FIX}"
+            raise LedgerDamaged(msg)
 
     def close(self) -> None:
         self._db.close()
@@ -339,10 +378,10 @@ class Ledger:
                 version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
                 if version > SCHEMA_VERSION:
                     msg = (
-                        f"{self.path}: schema version {version} is newer than this program ({SCHEMA_VERSION});"
-                        " upgrade it"
+                        f"{self.path}: the ledger's schema ({version}) is newer than this program's"
+                        f" ({SCHEMA_VERSION}); upgrade this program (or restore the ledger it wrote)"
                     )
-                    raise RuntimeError(msg)
+                    raise LedgerDamaged(msg)
                 if version == SCHEMA_VERSION:
                     return
                 for statement in _split_sql(_MIGRATIONS[version]):

@@ -83,6 +83,7 @@ class RetrainTracker:
         self._last_answer: dict[int, float] = {}
         self._unsaved: dict[int, float] = {}
         self._downloads: dict[int, asyncio.Task[None]] = {}
+        self._download_failures: dict[int, int] = {}
         self._download_slots = asyncio.Semaphore(_DOWNLOADS)
 
     def poke(self, job_id: int | None = None) -> None:
@@ -341,8 +342,18 @@ class RetrainTracker:
                 self._no_result(job, str(e))
                 return
             except (ApiError, TransportError, OSError) as e:
-                self._on_error(job, ctx, e)  # asked again at its next check, with a fresh download_url
+                # Counted apart from the status checks (which succeed meanwhile): the next check starts a new
+                # download with a fresh download_url, up to max_attempts, then the result is given up.
+                failures = self._download_failures.get(job.id, 0) + 1
+                self._download_failures[job.id] = failures
+                reason = scrub(str(e))
+                if failures >= self.settings.retry.max_attempts:
+                    self._no_result(job, f"gave up after {failures} download attempts: {reason}")
+                    self._download_failures.pop(job.id, None)
+                else:
+                    log.warning("retrain.download_failed", **job.log_fields(), error=reason, attempt=failures)
                 return
+            self._download_failures.pop(job.id, None)
             relative = str(dest.relative_to(ctx.inbox))
             self.ledger.update(
                 job.id, result_path=relative, event="result_downloaded", detail={"path": relative, "size_bytes": size}

@@ -1,0 +1,107 @@
+"""A damaged, truncated or newer-schema ledger: `run` says so in one line and exits with a status systemd does not
+restart; `jobs` and `status` say so and exit 1. Real processes, real SQLite files damaged on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from retrain_uploader.cli import EXIT_LEDGER
+from retrain_uploader.ledger import SCHEMA_VERSION, Ledger, LedgerDamaged
+
+from ._proc import COMMAND, write_config
+
+_ENV = {k: v for k, v in os.environ.items() if k not in ("RETRAIN_UPLOADER_CONFIG", "NOTIFY_SOCKET")}
+
+
+def _ledger_with_jobs(path: Path, count: int = 300) -> None:
+    with Ledger(path) as ledger:
+        for i in range(count):
+            ledger.create_job(model="alpha", kind="csv", name=f"a{i}", sources=[f"a{i}.csv"],
+                              upload_filename=f"a{i}.csv", inbox="/nowhere")
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(8192))
+
+
+def truncated(path: Path) -> None:
+    _ledger_with_jobs(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 3)
+
+
+def damaged_page(path: Path) -> None:
+    """A page in the middle overwritten: the file opens and its schema reads; only a check (or a query) finds it."""
+    _ledger_with_jobs(path)
+    page = 4096
+    with open(path, "r+b") as f:
+        f.seek(page * (path.stat().st_size // page // 2) + 8)
+        f.write(b"\xff" * 64)
+
+
+def newer_schema(path: Path) -> None:
+    _ledger_with_jobs(path, count=1)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+
+
+DAMAGES: dict[str, Callable[[Path], None]] = {
+    "garbage": garbage,
+    "truncated": truncated,
+    "damaged_page": damaged_page,
+    "newer_schema": newer_schema,
+}
+
+
+def _run(args: list[str], config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *args, "--config", str(config)], capture_output=True, text=True, timeout=30,
+                          env=_ENV, check=False)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_run_on_a_damaged_ledger_is_one_clear_line_and_an_exit_systemd_does_not_restart(
+    tmp_path: Path, damage: str
+) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    ledger = tmp_path / "state" / "ledger.sqlite3"
+    ledger.parent.mkdir(parents=True)
+    DAMAGES[damage](ledger)
+    before = ledger.read_bytes()
+    done = _run(["run"], config)
+    assert done.returncode == EXIT_LEDGER, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    [error] = [r for r in records if r["level"] in ("error", "critical")]
+    assert error["event"] == "ledger.damaged" and str(ledger) in error["error"] and "exception" not in error
+    assert "newer" in error["error"] if damage == "newer_schema" else "damaged" in error["error"]
+    assert ledger.read_bytes() == before  # nothing was written into the damaged file
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "newer_schema"])
+@pytest.mark.parametrize("command", [["jobs"], ["status"]])
+def test_read_only_commands_on_a_damaged_ledger_say_so_and_exit_1(tmp_path: Path, damage: str,
+                                                                  command: list[str]) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    ledger = tmp_path / "state" / "ledger.sqlite3"
+    ledger.parent.mkdir(parents=True)
+    DAMAGES[damage](ledger)
+    done = _run(command, config)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"retrain-uploader: {ledger}:")
+
+
+def test_the_daemon_checks_its_ledger_at_start_and_lets_go_of_its_lock(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    damaged_page(path)
+    for _ in range(2):  # the second open is refused for the damage again, not for a lock the first one kept
+        with pytest.raises(LedgerDamaged, match=r"quick_check|malformed"):
+            Ledger(path, lock=True)
