@@ -300,7 +300,7 @@ async def test_retry_puts_a_failed_jobs_file_back_once(
 
     not_failed = await cli("retry", str(uploaded.id), "--config", config)
     assert not_failed.code == 1 and f"cannot retry job {uploaded.id}" in not_failed.err
-    assert f"it is {uploaded.state}, only failed jobs can be retried" in not_failed.err
+    assert f"it is {uploaded.state}, only failed (or retrain_timeout) jobs can be retried" in not_failed.err
     missing = await cli("retry", "999", "--config", config)
     assert missing.code == 1 and "no job 999" in missing.err, missing
 
