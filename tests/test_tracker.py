@@ -306,3 +306,42 @@ async def test_a_result_over_max_result_bytes_is_not_downloaded(
     assert not list((d.inbox() / "done").glob("*.result.zip")) and not list((d.inbox() / "done").glob(".*part"))
     events = [e for e in d.events(job.id) if e["event"] == "result_unavailable"]
     assert "max_result_bytes" in events[0]["detail"]["error"]
+
+
+async def test_a_switch_by_hand_before_the_daemon_saw_the_end_records_the_final_status(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    job = await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    assert await d.stop() == 0  # nobody polls: the ledger still says retraining when the person switches
+    clock.finish_retraining()
+    with Ledger(d.settings.ledger.path) as ledger:
+        await switch_job(d.settings, ledger, job.id)
+        switched = ledger.get(job.id)
+    assert switched.state is State.SWITCHED
+    assert (switched.retrain_status, switched.model_id) == ("job_finished", 1)
+
+
+async def test_a_model_removed_from_the_config_leaves_its_retraining_untracked_until_it_comes_back(
+    start_daemon, make_settings, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    with_alpha = make_settings(models=models(False, tmp_path))
+    d = await start_daemon(with_alpha)
+    drop(d.inbox(), "churn.csv", CSV)
+    job = await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    assert await d.stop() == 0
+    keys = tmp_path / "keys"
+    beta_only = make_settings(
+        models=[{"name": "beta", "inbox": str(tmp_path / "inbox" / "beta"), "api_key_file": str(keys / "beta")}]
+    )
+    with capture_logs() as logs:
+        without = await start_daemon(beta_only)
+        assert await without.stop() == 0
+    [untracked] = [e for e in logs if e["event"] == "job.untracked"]
+    assert untracked["job_id"] == job.id and "no longer in the config" in untracked["reason"]
+    clock.finish_retraining()
+    back = await start_daemon(with_alpha)
+    await wait_for(job_state(back, State.FINISHED), what="followed again once the model is back")

@@ -3,6 +3,7 @@ online key check. They open the ledger without its lock (WAL lets readers and on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -300,8 +301,15 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
         raise ValueError(f"model {job.model!r} is no longer in the config") from None
     key = model.read_api_key()
     client = _client(settings)
+    finished: dict[str, Any] = {}
     try:
         await client.switch_model(key, job.retrain_job_id)
+        if job.state is not State.FINISHED:
+            # Switched before the daemon saw it finish: record what the status says now, or retrain_status and
+            # model_id would stay those of a retraining in progress (the daemon polls a switched job no more).
+            with contextlib.suppress(ApiError, TransportError):
+                status = await client.get_status(key, job.retrain_job_id)
+                finished = {"retrain_status": status.status, "model_id": status.model_id, "error": None}
     except ApiError as e:
         if e.message.strip() == "Retrain job is not finished.":
             raise ValueError("its retraining is not finished yet; try again later") from None
@@ -317,6 +325,7 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                 job.id,
                 state=State.SWITCHED,
                 switched_at=ledger.now(),
+                **finished,
                 event="switched",
                 detail={"retrain_job_id": job.retrain_job_id, "by": "cli"},
                 expect_state=current.state,

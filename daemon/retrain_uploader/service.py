@@ -508,6 +508,18 @@ class Service:
         if staging.is_dir():
             for path in packager.clean_staging(staging, keep):
                 log.info("staging.removed_leftover", path=str(path))
+        # Uploaded jobs of a model that left the config (by name and by inbox): while the daemon ran they were
+        # followed with the model's last key; now nothing can. Said once, and followed again if the model (or any
+        # model with that inbox) comes back.
+        for job in self.ledger.tracked(download=self.settings.status.download_result, auto_switch_models=()):
+            if context_for(self.models, job) is None:
+                log.warning(
+                    "job.untracked",
+                    **job.log_fields(),
+                    state=str(job.state),
+                    reason=f"model {job.model!r} is no longer in the config",
+                    action="put the model (or a model with its inbox) back in the config to follow it again",
+                )
         log.info("service.recovered", resumed_jobs=resumed)
 
     # -- the pool -----------------------------------------------------------------------------------------------------
