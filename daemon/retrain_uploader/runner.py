@@ -691,13 +691,19 @@ class Runner:
         )
         if shown == name:
             job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
+        else:
+            hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
+            job = self._fail(job, f"'{shown}' was not taken: {reason}", hint)  # repr() would double each backslash
+        try:
+            if shown != name:
+                targets = plan_moves(model.inbox, [name], FAILED_DIR, job_id=job.id, error_stem=shown)
+                job = self.ledger.update(job.id, moved_to=targets)
+                apply_moves(model.inbox, [name], targets[:1])  # gone meanwhile: closing reports it missing
             return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
-        hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
-        job = self._fail(job, f"'{shown}' was not taken: {reason}", hint)  # repr() would double each backslash
-        targets = plan_moves(model.inbox, [name], FAILED_DIR, job_id=job.id, error_stem=shown)
-        job = self.ledger.update(job.id, moved_to=targets)
-        apply_moves(model.inbox, [name], targets[:1])  # gone meanwhile: closing reports it missing
-        return close_job(self.ledger, job, model.inbox)
+        except OSError as e:
+            # A full disk, say: the job is recorded (failed, not closed); the caller closes it again later.
+            log.warning("job.close_failed", **job.log_fields(), error=str(e), action="closing it again later")
+            return self.ledger.get(job.id)
 
     def _packaged_still_valid(self, job: Job, model: ModelContext) -> bool:
         if job.package_path and not Path(job.package_path).exists():

@@ -477,7 +477,10 @@ class Service:
                 del self._taken[(inbox, name)]
 
     async def _reject(self, model: str, reject: Reject) -> None:
-        self.runner.reject(self.models[model], reject.name, reject.reason)
+        job = self.runner.reject(self.models[model], reject.name, reject.reason)
+        if not job.closed:
+            # Its move or error file failed (a full disk): close it again soon, as any job, not at the next start.
+            self._later(self.settings.retry.base_delay_s, lambda: self._submit(job.id))
 
     def _recover(self) -> None:
         keep: list[Path] = []
