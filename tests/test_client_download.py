@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -165,3 +166,17 @@ async def test_a_result_download_is_not_followed_to_another_host(
         assert [p.name for p in (d.inbox() / "done").iterdir() if "result" in p.name] == []
     finally:
         await runner.cleanup()
+
+
+async def test_a_partial_result_left_by_a_killed_daemon_is_removed_at_start(
+    start_daemon: Callable[..., Awaitable[Any]], make_settings: Callable[..., Any]
+) -> None:
+    settings = make_settings()
+    done = settings.model("alpha").inbox / "done"
+    done.mkdir(parents=True)
+    part = done / ".churn.result.zip.part"  # what a kill -9 in the middle of a download leaves
+    part.write_bytes(b"PK half")
+    keep = done / "churn.csv"
+    keep.write_text("id,x\n1,2\n")
+    await start_daemon(settings)
+    assert not part.exists() and keep.exists()

@@ -366,6 +366,10 @@ class Service:
     def _make_watcher(self, model: ModelSettings) -> InboxWatcher:
         for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):
             folder.mkdir(parents=True, exist_ok=True)
+        # A result download cut by a kill -9 leaves its hidden part file (a job never tried again keeps it).
+        for part in (model.inbox / "done").glob(".*.result.zip.part"):
+            part.unlink(missing_ok=True)
+            log.info("result.removed_partial", model=model.name, path=str(part))
         return InboxWatcher(
             model.name,
             model.inbox,
