@@ -72,7 +72,7 @@ async def test_a_csv_failing_its_check_mid_stream_is_cut_before_its_last_byte(
     error = error_file(d.inbox(), "bad")
     assert error["error"] == str(checked_before.value)
     assert error["failed_at_state"] == "packaging"
-    assert str(error["what_to_do"]).startswith("Fix the file and drop it into the inbox again.")
+    assert checked_before.value.hint and error["what_to_do"] == checked_before.value.hint  # the row to fix
     assert (d.inbox() / "failed" / "bad.csv").read_bytes() == content
 
 

@@ -121,6 +121,12 @@ _HINTS = {
 }
 
 
+def _input_hint(error: checks.InputError) -> str:
+    """The check's own advice when it has one. _fail formats hints with {id}: braces from the file's text (a column
+    name, a value) are escaped."""
+    return error.hint.replace("{", "{{").replace("}", "}}") if error.hint else _HINTS["input"]
+
+
 class _AskAgain(Exception):
     """A PUT's outcome is still unknown: ask the status check again after ``delay_s``."""
 
@@ -263,10 +269,7 @@ class Runner:
             raise _Stopped from None
         except checks.InputError as e:
             self.ledger.update(job.id, source_ids=before)
-            # The check's own advice when it has one; _fail formats hints with {id}, so braces from the file's text
-            # (a column name, a value) are escaped.
-            hint = e.hint.replace("{", "{{").replace("}", "}}") if e.hint else _HINTS["input"]
-            raise _Failed(str(e), hint) from e
+            raise _Failed(str(e), _input_hint(e)) from e
         except FileNotFoundError as e:
             self.ledger.update(job.id, source_ids=before)
             reason = f"a source file disappeared from the inbox before it was uploaded ({Path(e.filename or '?').name})"
@@ -432,7 +435,7 @@ class Runner:
             self._tickets.pop(job.id, None)
             self.ledger.update(job.id, state=State.PACKAGING, put_started=0, event="check_failed",
                                detail={"sent": meter.sent, "size_bytes": job.size_bytes})
-            raise _Failed(str(e), _HINTS["input"]) from e
+            raise _Failed(str(e), _input_hint(e)) from e
         except UploadCut as e:
             # Cut before its last byte: nothing arrived. A fresh URL (and remote job) once the window opens.
             self._tickets.pop(job.id, None)
