@@ -360,6 +360,13 @@ def test_any_bytes_are_judged_like_the_csv_module(data: bytes, chunk_size: int) 
     assert outcome(data, chunk_size) == reference(data)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 16, 1 << 20])
+def test_a_second_bom_is_data_not_a_hint_for_the_separator(chunk_size: int) -> None:
+    # Found by the property test above: the sniffer dropped the second BOM as if it were the first, saw a blank
+    # header line and chose tab from a row of one tab.
+    assert outcome(b"\xef\xbb\xbf\xef\xbb\xbf\n\t", chunk_size) == reference(b"\xef\xbb\xbf\xef\xbb\xbf\n\t")
+
+
 cells = st.text(alphabet=st.sampled_from(list('ab1 ,"\n\r\tあ日本語ｱ')), max_size=6)
 
 

@@ -185,16 +185,18 @@ async def test_a_reject_whose_move_fails_makes_one_job_until_the_entry_changes(
             await wait_for(lambda: is_closed(d.jobs(), name), what=f"{name} taken")  # noqa: B023 -- awaited here
     rejects = [j for j in d.jobs() if j.kind == "reject"]
     assert [(j.name, j.state, j.closed) for j in rejects] == [("link.csv", State.FAILED, False)]
-    assert [e["event"] for e in logs if e["event"] == "inbox.take_failed"] == ["inbox.take_failed"]
+    assert [e["event"] for e in logs if e["event"] == "job.close_failed"] == ["job.close_failed"]
     assert (inbox / "link.csv").is_symlink()  # nothing lost: still where the user put it
-    # A changed entry (a new link) is a new reject, and with failed/ back it is moved out.
+    # A changed entry (a new link) is a new reject; with failed/ back both close, the new link moved out (the first
+    # job, closed again by the pool, does not take the new link for its own).
     (inbox / "failed").unlink()
     (inbox / "failed").mkdir()
     (inbox / "link.csv").unlink()
     (inbox / "link.csv").symlink_to(target)
-    await wait_for(lambda: len([j for j in d.jobs() if j.kind == "reject" and j.closed]) == 1, what="second reject")
+    await wait_for(lambda: len([j for j in d.jobs() if j.kind == "reject" and j.closed]) == 2, what="both closed")
     assert len([j for j in d.jobs() if j.kind == "reject"]) == 2
     assert (inbox / "failed" / "link.csv").is_symlink()
+    assert not (inbox / "link.csv").exists()
 
 
 # -- the event watch and the watcher task stay alive ----------------------------------------------------------------

@@ -432,7 +432,9 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
     lines = lines[:_SNIFF_LINES]
     first = lines[0] if lines else b""
     default = "\t" if b"\t" in first and b"," not in first else ","
-    text = b"\n".join(lines).decode(tap.encoding, errors="replace").removeprefix("\ufeff")
+    # The caller cut the BOM off already: a second one is data (it is part of the first column name).
+    encoding = "utf-8" if tap.encoding == "utf-8-sig" else tap.encoding
+    text = b"\n".join(lines).decode(encoding, errors="replace")
     consistent = []
     for candidate in (default, "\t" if default == "," else ",", ";"):
         widths = {len(r) for r in csv.reader(io.StringIO(text), delimiter=candidate) if r}

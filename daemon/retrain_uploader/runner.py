@@ -693,6 +693,9 @@ class Runner:
             inbox=inbox_key(model.inbox),
         )
         if shown == name:
+            # Its identity: if its close must wait (a full disk) and the entry is replaced meanwhile, the new one is
+            # not moved out as this one.
+            self.ledger.update(job.id, source_ids=source_identities(model.inbox, [name]))
             job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
         else:
             hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
