@@ -78,12 +78,12 @@ def _record(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -
             source=name,
             action="left in the inbox: it is not the file this job checked, and becomes a job of its own",
         )
-    if replaced:
-        # Their planned names in done/ or failed/ were never used: another job may take them.
-        kept = [("" if name in replaced else target) for name, target in zip(job.sources, job.moved_to, strict=False)]
-        job = ledger.update(job.id, moved_to=kept + list(job.moved_to[len(job.sources) :]))
+    # Replaced sources' planned names in done/ or failed/ were never used: released ("") so another job may take them,
+    # in the same commit that closes the job.
+    kept = [("" if name in replaced else target) for name, target in zip(job.sources, job.moved_to, strict=False)]
+    moved_to = kept + list(job.moved_to[len(job.sources) :])
     job = ledger.update(
-        job.id, closed=1, event="closed", detail={"moved_to": list(job.moved_to), "replaced": replaced or None}
+        job.id, moved_to=moved_to, closed=1, event="closed", detail={"moved_to": moved_to, "replaced": replaced or None}
     )
     log.info(
         "job.closed",
