@@ -74,8 +74,8 @@ async def test_upload_retraining_finished_result_and_switch(
     clock.finish_retraining()
     final = State.SWITCHED if auto_switch else State.FINISHED
     job = await wait_for(job_state(d, final), what=str(final))
-    if not auto_switch:  # the download comes with `finished`; wait for it to be recorded
-        job = await wait_for(lambda: next((j for j in d.jobs() if j.result_path), None), what="result")
+    # The download runs beside the polls (an auto-switch never waits for it): wait for it to be recorded.
+    job = await wait_for(lambda: next((j for j in d.jobs() if j.result_path), None), what="result")
     assert job.model_id == 1
     assert job.result_path == "done/churn.result.zip"
     with zipfile.ZipFile(d.inbox() / job.result_path) as zf:
