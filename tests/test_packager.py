@@ -227,6 +227,14 @@ def test_clean_staging(staging: Path, tmp_path: Path) -> None:
     assert clean_staging(tmp_path / "nowhere") == []
 
 
+def test_clean_staging_removes_an_upper_case_zip_left_by_a_repack(staging: Path) -> None:
+    # A macOS zip repacked into staging keeps its dropped name: `7-DATA.ZIP` (found by review round 2).
+    for name in ("7-DATA.ZIP", "8-KEEP.ZIP", "9-X.ZIP.PART"):
+        (staging / name).write_bytes(b"x")
+    assert sorted(p.name for p in clean_staging(staging, [staging / "8-KEEP.ZIP"])) == ["7-DATA.ZIP", "9-X.ZIP.PART"]
+    assert sorted(p.name for p in staging.iterdir()) == ["8-KEEP.ZIP"]
+
+
 def test_clean_staging_with_a_relative_keep_path(staging: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (staging / "5-e.zip").write_bytes(b"x")
     monkeypatch.chdir(staging.parent)

@@ -329,9 +329,11 @@ def clean_staging(staging_dir: Path, keep: Collection[Path] = ()) -> list[Path]:
     real_dir = staging_dir.resolve()
     removed = []
     for entry in entries:
-        if not entry.name.endswith((".part", ".zip")) or not entry.is_file(follow_symlinks=False):
+        # Case-insensitive: a macOS zip repacked here keeps its dropped name (`7-DATA.ZIP`).
+        lower = entry.name.lower()
+        if not lower.endswith((".part", ".zip")) or not entry.is_file(follow_symlinks=False):
             continue
-        if entry.name.endswith(".zip") and real_dir / entry.name in kept:
+        if lower.endswith(".zip") and real_dir / entry.name in kept:
             continue
         path = staging_dir / entry.name
         with contextlib.suppress(FileNotFoundError):
