@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -17,6 +17,9 @@ from retrain_uploader.config import Settings
 from retrain_uploader.emulator import Emulator
 from retrain_uploader.ledger import Job, Ledger
 from retrain_uploader.service import Service
+
+if TYPE_CHECKING:
+    from ._proc import DaemonProcess
 
 KEYS = {"key-alpha-0001": 1, "key-beta-0002": 2}
 
@@ -158,3 +161,21 @@ def drop(inbox: Path, name: str, content: bytes | str, encoding: str = "utf-8") 
     target = inbox / name
     tmp.rename(target)
     return target
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path) -> AsyncIterator[Callable[[Path], DaemonProcess]]:
+    """Makes daemon processes (real `retrain-uploader run`); at teardown every one still alive is killed and reaped."""
+    from ._proc import DaemonProcess  # _proc imports this module: imported when used
+
+    made: list[DaemonProcess] = []
+
+    def make(config: Path) -> DaemonProcess:
+        daemon = DaemonProcess(config, tmp_path, name=f"daemon{len(made) + 1}")
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        await daemon.close()
+

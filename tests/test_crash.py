@@ -16,7 +16,6 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +65,6 @@ def write_big_csv(inbox: Path, name: str, size: int, seed: int) -> Path:
     target = inbox / name
     tmp.rename(target)
     return target
-
-
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[Callable[[Path], DaemonProcess]]:
-    """Makes daemon processes; at teardown every one still alive is killed and reaped."""
-    made: list[DaemonProcess] = []
-
-    def make(config: Path) -> DaemonProcess:
-        daemon = DaemonProcess(config, tmp_path, name=f"daemon{len(made) + 1}")
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        await daemon.close()
 
 
 class Setup:

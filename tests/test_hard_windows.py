@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from retrain_uploader.emulator import Emulator
 
-from ._proc import DaemonProcess, LedgerView, write_config
+from ._proc import LedgerView, write_config
 from .conftest import drop, wait_for
 
 CSV = "id,age,plan\n1,34,basic\n2,51,premium\n"
@@ -98,20 +97,6 @@ async def test_a_same_size_rewrite_in_place_with_its_mtime_kept_is_not_moved_to_
     done = inbox / "done" / "a.csv"
     assert not done.exists() or sha(done.read_bytes()) in received, "done/ holds bytes that were never sent"
 
-
-
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[Callable[[Path], DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(config: Path) -> DaemonProcess:
-        daemon = DaemonProcess(config, tmp_path, name=f"daemon{len(made) + 1}")
-        made.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in made:
-        await daemon.close()
 
 
 SIGNATURE = "5ecre7519a7ure0f7he0bjec7"

@@ -8,7 +8,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +43,8 @@ def assert_no_secret(blob: bytes, where: str) -> None:
         assert secret.encode() not in blob, f"{secret} leaked into {where}"
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Callable[[Path], DaemonProcess]]:
-    """Makes the daemon process; at teardown it is killed and reaped whatever state the test left it in."""
-    made: list[DaemonProcess] = []
-
-    def make(config: Path) -> DaemonProcess:
-        made.append(DaemonProcess(config, tmp_path))
-        return made[-1]
-
-    yield make
-    for d in made:
-        await d.close()
-
-
 async def test_a_signature_in_a_truncated_200_body_reaches_no_log_line_ledger_or_error_file(
-    tmp_path: Path, emulator: Emulator, daemon: Callable[[Path], DaemonProcess]
+    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
     # The upload_url answer is a 200 cut off mid-URL, the URL JSON-escaped (`https:\/\/`) and its parameters joined
     # by an escaped `\u0026`: the two forms the scrubber used to miss.
@@ -76,7 +62,7 @@ async def test_a_signature_in_a_truncated_200_body_reaches_no_log_line_ledger_or
         retry={"max_attempts": 3},
         logging={"file": log_file},
     )
-    d: DaemonProcess = daemon(config)
+    d: DaemonProcess = daemons(config)
     # debug, and asyncio's debug mode: the loop's own stdlib record ("Using selector") must come out as JSON too
     await d.start(env={"RETRAIN_UPLOADER_LOG_LEVEL": "debug", "PYTHONASYNCIODEBUG": "1"})
     inbox = tmp_path / "inbox" / "alpha"
@@ -182,11 +168,11 @@ async def test_stdlib_records_warnings_and_uncaught_exceptions_are_scrubbed_json
 
 
 async def test_a_file_name_that_is_not_utf8_does_not_stop_the_model_when_logging_to_a_file(
-    tmp_path: Path, emulator: Emulator, daemon: Callable[[Path], DaemonProcess]
+    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
     log_file = tmp_path / "log" / "daemon.jsonl"
     config = write_config(tmp_path, emulator.base_url, logging={"file": log_file})
-    d: DaemonProcess = daemon(config)
+    d: DaemonProcess = daemons(config)
     await d.start(env={"PYTHONIOENCODING": "utf-8"})
     inbox = tmp_path / "inbox" / "alpha"
     bad = os.fsdecode(b"bad\xff.csv")
