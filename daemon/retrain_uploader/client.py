@@ -654,9 +654,3 @@ async def _put_error(resp: aiohttp.ClientResponse, endpoint: str = "put") -> Api
 def _excerpt(text: str, api_key: str) -> str:
     flat = " ".join(text.split())
     return scrub(flat[:200] + ("…" if len(flat) > 200 else ""), [api_key])
-
-
-def _transport_detail(e: BaseException) -> str:
-    name = type(e).__name__
-    detail = scrub(str(e))
-    return f"{name}: {detail}" if detail else name
