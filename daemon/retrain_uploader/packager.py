@@ -177,7 +177,7 @@ def package_zip(
             if info.is_dir() or name.split("/")[0] == "__MACOSX" or name.split("/")[-1] == ".DS_Store":
                 continue
             with src.open(info) as raw:
-                _write_member(zf, name, raw, os.fstat(f.fileno()).st_size, level, cancel)
+                _write_member(zf, name, raw, info.file_size, level, cancel)
     size, sha256 = _hash(final)
     return Package(path=final, size_bytes=size, sha256=sha256, content_sha256=sha256, temporary=True,
                    removed_entries=report.junk, **common)  # type: ignore[arg-type]
@@ -262,16 +262,22 @@ def _staged(final: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def _write_member(
-    zf: zipfile.ZipFile, arcname: str, raw: IO[bytes], size: int, level: int, cancel: threading.Event | None
-) -> None:
+def _member_info(arcname: str, size: int, level: int) -> zipfile.ZipInfo:
+    """A member of a zip we write: fixed time and mode (equal content, equal zip), deflated at ``level``."""
     info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
     info.compress_type = zipfile.ZIP_DEFLATED
     info.external_attr = _MEMBER_ATTR
     info.create_system = _UNIX
-    info.file_size = size  # an upper bound is enough: it only decides zip64 up front
+    info.file_size = size  # the member's real size: lets zipfile choose zip64 up front for big files
+    # ZipFile.open(ZipInfo, "w") takes the level from the ZipInfo; the field is public only from 3.13.
     setattr(info, "compress_level" if sys.version_info >= (3, 13) else "_compresslevel", level)
-    with zf.open(info, "w") as member:
+    return info
+
+
+def _write_member(
+    zf: zipfile.ZipFile, arcname: str, raw: IO[bytes], size: int, level: int, cancel: threading.Event | None
+) -> None:
+    with zf.open(_member_info(arcname, size, level), "w") as member:
         step = _watching(cancel, member.write)
         while chunk := raw.read(1 << 20):
             step(chunk)
@@ -281,13 +287,7 @@ def _add_member(
     zf: zipfile.ZipFile, arcname: str, source: Path, level: int, cancel: threading.Event | None, rules: Rules
 ) -> CsvReport:
     with open_regular(source) as raw:
-        info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
-        info.compress_type = zipfile.ZIP_DEFLATED
-        info.external_attr = _MEMBER_ATTR
-        info.create_system = _UNIX
-        info.file_size = os.fstat(raw.fileno()).st_size  # lets zipfile choose zip64 up front for big files
-        # ZipFile.open(ZipInfo, "w") takes the level from the ZipInfo; the field is public only from 3.13.
-        setattr(info, "compress_level" if sys.version_info >= (3, 13) else "_compresslevel", level)
+        info = _member_info(arcname, os.fstat(raw.fileno()).st_size, level)
         with zf.open(info, "w") as member:
             return check_csv_stream(raw, name=source.name, sink=_watching(cancel, member.write), rules=rules)
 
