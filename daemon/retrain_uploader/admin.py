@@ -66,6 +66,7 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
             failed = ledger.jobs(state=State.FAILED, model=model.name)
             if failed:
                 last_failed = {"id": failed[-1].id, "error": failed[-1].error, "at": failed[-1].updated_at}
+            sending = ledger.jobs(state=State.UPLOADING, model=model.name)
             uploading = [
                 {
                     "id": j.id,
@@ -74,7 +75,7 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
                     "size_bytes": j.size_bytes,
                     "percent": round(100.0 * (j.bytes_sent or 0) / j.size_bytes, 1) if j.size_bytes else None,
                 }
-                for j in ledger.jobs(state=State.UPLOADING, model=model.name)
+                for j in sending
                 if j.put_started and not j.outcome_unknown_since
             ]
             unknown = [
@@ -84,7 +85,7 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
                     "retrain_job_id": j.retrain_job_id,
                     "since": j.outcome_unknown_since,
                 }
-                for j in ledger.jobs(state=State.UPLOADING, model=model.name)
+                for j in sending
                 if j.outcome_unknown_since
             ]
         out["models"].append(

@@ -257,10 +257,7 @@ class Runner:
         started = self._monotonic()
         # What is checked here is what will be moved out of the inbox when the job closes, and nothing else.
         before = source_identities(model.inbox, job.sources)
-        try:
-            rules = model_rules(model.settings, self.ledger.reference_header(model.name, job.inbox))
-        except ValueError as e:  # header_file unreadable: the config's fault, not the file's
-            raise _Failed(str(e), "Fix `header_file` in the config, then `retrain-uploader retry {id}`.") from e
+        rules = self._rules(job, model)
         try:
             pkg = await asyncio.to_thread(self._build, job, model, rules)
             after = source_identities(model.inbox, job.sources)
@@ -471,14 +468,18 @@ class Runner:
                 self._checked(job, model, check.result)  # the check passed: the PUT's last byte could leave
         return self._uploaded(job, model, duration_s=self._monotonic() - started)
 
+    def _rules(self, job: Job, model: ModelContext) -> Rules:
+        """The model's rules, with its reference header (``header_file``, else its last finished upload's)."""
+        try:
+            return model_rules(model.settings, self.ledger.reference_header(model.name, job.inbox))
+        except ValueError as e:  # header_file unreadable: the config's fault, not the file's
+            raise _Failed(str(e), "Fix `header_file` in the config, then `retrain-uploader retry {id}`.") from e
+
     def _sent_check(self, job: Job, model: ModelContext, path: Path) -> StreamCheck[checks.CsvReport] | None:
         """For a CSV only hashed at packaging: the check to run on its bytes as the PUT sends them."""
         if job.kind != "csv" or job.header is not None:
             return None
-        try:
-            rules = model_rules(model.settings, self.ledger.reference_header(model.name, job.inbox))
-        except ValueError as e:  # header_file unreadable: the config's fault, not the file's
-            raise _Failed(str(e), "Fix `header_file` in the config, then `retrain-uploader retry {id}`.") from e
+        rules = self._rules(job, model)
         name = job.sources[0]
         return StreamCheck(functools.partial(packager.check_sent_csv, name=name, rules=rules),
                            path=path, sha256=job.sha256 or "")
@@ -517,9 +518,7 @@ class Runner:
             return self._uploaded(job, model, confirmed_by_status=True)
         if isinstance(verdict, NotArrived):
             log.info("upload.not_arrived", **job.log_fields(), status=verdict.status)
-            self._unknown_since.pop(job.id, None)
-            self._settle_failures.pop(job.id, None)
-            self._tickets.pop(job.id, None)  # a fresh URL: the node behind the old one may be the one that failed
+            self._forget(job.id)  # and so a fresh URL: the node behind the old one may be the one that failed
             return self.ledger.update(
                 job.id,
                 state=State.REQUESTING,
@@ -531,7 +530,6 @@ class Runner:
         if isinstance(verdict, PauseModel):
             raise _Park(verdict.reason)
         if isinstance(verdict, RemoteJobGone):
-            self._unknown_since.pop(job.id, None)
             reason = f"the remote job {job.retrain_job_id} disappeared after an upload whose answer was lost"
             raise _Failed(f"{reason}: {verdict.reason}", _HINTS["gone"])
         failures = self._settle_failures.get(job.id, 0) + 1
@@ -556,12 +554,15 @@ class Runner:
         )
         raise _AskAgain(delay)
 
+    def _forget(self, job_id: int) -> None:
+        """Drop what this process holds about a job's upload: its URL and its unknown-outcome bookkeeping."""
+        for table in (self._tickets, self._unknown_since, self._settle_failures, self._waits):
+            table.pop(job_id, None)
+
     def _uploaded(
         self, job: Job, model: ModelContext, *, duration_s: float | None = None, confirmed_by_status: bool = False
     ) -> Job:
-        self._tickets.pop(job.id, None)
-        self._unknown_since.pop(job.id, None)
-        self._settle_failures.pop(job.id, None)
+        self._forget(job.id)
         job = self.ledger.update(
             job.id,
             state=State.UPLOADED,
@@ -662,7 +663,7 @@ class Runner:
             state=str(job.state),
             error=reason,
         )
-        self._tickets.pop(job.id, None)
+        self._forget(job.id)
         return self.ledger.update(
             job.id,
             state=State.FAILED,

@@ -429,7 +429,9 @@ class RetrainTracker:
                 self._failures.pop(job.id, None)
                 return
         status = self.settings.status
-        delay = backoff_delay(failures, base_s=status.poll_s, max_s=max(status.max_poll_delay_s, status.poll_s))
+        delay = backoff_delay(
+            failures, base_s=status.poll_s, max_s=max(status.max_poll_delay_s, status.poll_s), rng=self._random
+        )
         if isinstance(error, ApiError) and error.message.strip() == NOT_FINISHED_MESSAGE:
             delay = status.poll_s
         self._schedule(job.id, self._monotonic() + delay)
