@@ -18,6 +18,7 @@ from .ledger import Ledger, StaleJob, State, iso
 from .mover import rename_no_replace
 from .network import Network
 from .policy import is_credential_error
+from .tracker import NOT_FINISHED_MESSAGE
 from .watcher import OWN_FOLDERS, is_ignored, printable_name
 
 __all__ = [
@@ -312,7 +313,7 @@ async def switch_job(settings: Settings, ledger: Ledger, job_id: int) -> str:
                 status = await client.get_status(key, job.retrain_job_id)
                 finished = {"retrain_status": status.status, "model_id": status.model_id, "error": None}
     except ApiError as e:
-        if e.message.strip() == "Retrain job is not finished.":
+        if e.message.strip() == NOT_FINISHED_MESSAGE:
             raise ValueError("its retraining is not finished yet; try again later") from None
         raise ValueError(e.describe()) from None
     except TransportError as e:

@@ -464,20 +464,21 @@ class Client:
         watchdog = _Watchdog(self._upload_idle_s)
         payload = _FilePayload(path, size, sha256, watchdog.progress, self._throttle, meter, check)
         watchdog.payload = payload
+        url = URL(upload_url, encoded=True)
         try:
             with watchdog:
                 async with self.session.put(
-                    URL(upload_url, encoded=True),
+                    url,
                     data=payload,
                     headers={"Content-Length": str(size)},
                     # Like the manual's curl and requests examples: no Content-Type, which a signature may not cover.
                     skip_auto_headers=("Content-Type",),
                     timeout=self._put_timeout,
                     allow_redirects=False,
-                    **self._via(URL(upload_url, encoded=True)),
+                    **self._via(url),
                 ) as resp:
                     watchdog.progress()
-                    self._proxy_answered_407("put", resp, URL(upload_url, encoded=True))
+                    self._proxy_answered_407("put", resp, url)
                     if resp.status >= 300:
                         error = await _put_error(resp)
                         error.body_complete = payload.last_byte_handed_over
@@ -503,7 +504,6 @@ class Client:
                 if payload.transport is not None:
                     payload.transport.abort()  # nothing more of this body may leave
                 raise UploadCut(sent=payload.sent, size=size) from None
-            url = URL(upload_url, encoded=True)
             raise await self._transport_error("put", e, url, body_complete=payload.last_byte_handed_over) from None
         except TimeoutError:
             detail = "timed out waiting for the storage server"
