@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +106,32 @@ def test_the_daemon_checks_its_ledger_at_start_and_lets_go_of_its_lock(tmp_path:
     for _ in range(2):  # the second open is refused for the damage again, not for a lock the first one kept
         with pytest.raises(LedgerDamaged, match=r"quick_check|malformed"):
             Ledger(path, lock=True)
+
+
+def foreign_database(path: Path) -> None:
+    db = sqlite3.connect(path)  # another program's database, with a table of the same name
+    db.execute("CREATE TABLE jobs(a, b)")
+    db.commit()
+    db.close()
+
+
+def folder(path: Path) -> None:
+    path.mkdir()
+
+
+@pytest.mark.parametrize("what", [foreign_database, folder], ids=["foreign-database", "folder"])
+def test_something_else_at_the_ledger_path_is_one_clear_line_and_exit_4(tmp_path: Path, what: Any) -> None:
+    # Found by review: both ended `run` with a traceback and exit 1 (a restart loop under systemd), and `jobs`
+    # advised "start the daemon once to update it", which led into that crash.
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    ledger = tmp_path / "state" / "ledger.sqlite3"
+    ledger.parent.mkdir(parents=True)
+    what(ledger)
+    done = _run(["run"], config)
+    assert done.returncode == EXIT_LEDGER and "Traceback" not in done.stderr, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    [error] = [r for r in records if r["level"] in ("error", "critical")]
+    assert error["event"] == "ledger.damaged" and str(ledger) in error["error"]
+    listing = _run(["jobs"], config)
+    assert listing.returncode == 1 and "Traceback" not in listing.stderr
+    assert "update it" not in listing.stderr

@@ -90,6 +90,13 @@ _DAMAGED_FIX = (
     "stop the daemon, move the file and its -wal/-shm aside (keep them for a look), then restore a backup or start"
     " with a new ledger (files already sent may then be sent again)"
 )
+_NOT_A_LEDGER_FIX = "point [ledger] path at a new file (or move this one away); it is not a retrain-uploader ledger"
+
+
+def _transient(error: sqlite3.Error) -> bool:
+    """A lock held by another program: worth a restart, unlike a file that is not a ledger."""
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
 
 
 def is_corruption(error: sqlite3.Error) -> bool:
@@ -323,6 +330,9 @@ class Ledger:
             self._db = connect_read_only(path)
             self._db.row_factory = sqlite3.Row
             version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0:  # never migrated by a daemon: another program's database, or an empty file
+                self._db.close()
+                raise LedgerUnreadable(f"{path}: {_NOT_A_LEDGER_FIX}")
             if version != SCHEMA_VERSION:
                 self._db.close()
                 which = "older" if version < SCHEMA_VERSION else "newer"
@@ -334,7 +344,12 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         if lock:
             self._lock_fd = _take_lock(path.with_name(path.name + ".lock"))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        except sqlite3.Error as e:  # a folder, say, where the ledger should be
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise LedgerDamaged(f"{path}: cannot open the ledger ({e}); {_NOT_A_LEDGER_FIX}") from e
         try:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -345,9 +360,11 @@ class Ledger:
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.close()
-            if not is_corruption(e):
-                raise
-            raise LedgerDamaged(f"{path}: the ledger is damaged ({e}); {_DAMAGED_FIX}") from e
+            if is_corruption(e):
+                raise LedgerDamaged(f"{path}: the ledger is damaged ({e}); {_DAMAGED_FIX}") from e
+            if lock and not _transient(e):  # another program's database (its own `jobs` table), say
+                raise LedgerDamaged(f"{path}: not a usable ledger ({e}); {_NOT_A_LEDGER_FIX}") from e
+            raise
         except LedgerDamaged:
             self.close()
             raise
