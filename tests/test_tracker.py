@@ -345,3 +345,41 @@ async def test_a_model_removed_from_the_config_leaves_its_retraining_untracked_u
     clock.finish_retraining()
     back = await start_daemon(with_alpha)
     await wait_for(job_state(back, State.FINISHED), what="followed again once the model is back")
+
+
+async def test_two_results_of_one_name_downloaded_together_each_keep_their_own(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
+    # Found by review: both downloads picked done/churn.result.zip (and its one part file): job 1's path held job 2's
+    # result, and job 1's own was lost.
+    emulator.inject("result", "slow", delay_s=0.5, times=2)  # both downloads under way at once
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="the first retraining")
+    drop(d.inbox(), "churn.csv", CSV + "3,40,basic\n")
+    await wait_for(lambda: sum(j.state is State.RETRAINING for j in d.jobs()) == 2, what="both retraining")
+    clock.finish_retraining()
+    jobs = await wait_for(lambda: (js := d.jobs()) and all(j.result_path for j in js) and js, what="both results")
+    assert len({j.result_path for j in jobs}) == 2
+    for job in jobs:
+        with zipfile.ZipFile(d.inbox() / job.result_path) as zf:
+            assert job.retrain_job_id in zf.read("result.csv").decode()
+    assert [p.name for p in (d.inbox() / "done").iterdir() if p.name.endswith(".part")] == []
+
+
+async def test_a_result_that_cannot_be_placed_is_given_up_after_max_attempts(
+    start_daemon, emulator: Emulator, clock: ManualClock, tmp_path: Path
+) -> None:
+    # Found by review: done/ made unusable failed before the download's error handling: a traceback at every poll,
+    # forever, and max_attempts never counted.
+    d = await start_daemon(models=models(False, tmp_path))
+    drop(d.inbox(), "churn.csv", CSV)
+    await wait_for(job_state(d, State.RETRAINING), what="retraining")
+    done = d.inbox() / "done"
+    for entry in done.iterdir():
+        entry.unlink()
+    done.rmdir()
+    done.write_text("in the way")
+    clock.finish_retraining()
+    job = await wait_for(lambda: next((j for j in d.jobs() if j.result_path == ""), None), what="the result given up")
+    assert job.state is State.FINISHED

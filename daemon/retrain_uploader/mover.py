@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,15 @@ def plan_moves(
     return targets
 
 
-def plan_result_name(inbox: Path, stem: str, *, job_id: int, dest: str = "done") -> Path:
-    """Where a job's retraining result goes: ``done/NAME.result.zip``, or ``NAME.jobN.result.zip`` if taken."""
+def plan_result_name(
+    inbox: Path, stem: str, *, job_id: int, dest: str = "done", claimed: Collection[Path] = ()
+) -> Path:
+    """Where a job's retraining result goes: ``done/NAME.result.zip``, or ``NAME.jobN.result.zip`` if taken (by a file,
+    or ``claimed`` by another job's download under way)."""
     folder = inbox / dest
     folder.mkdir(exist_ok=True)
     name = f"{stem}.result.zip"
-    if not _fits(name) or os.path.lexists(folder / name):
+    if not _fits(name) or os.path.lexists(folder / name) or folder / name in claimed:
         name = (
             f"{stem}.job{job_id}.result.zip" if _fits(f"{stem}.job{job_id}.result.zip") else f"job{job_id}.result.zip"
         )

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 
@@ -84,6 +85,7 @@ class RetrainTracker:
         self._unsaved: dict[int, float] = {}
         self._downloads: dict[int, asyncio.Task[None]] = {}
         self._download_failures: dict[int, int] = {}
+        self._result_names: set[Path] = set()  # result files being downloaded now
         self._download_slots = asyncio.Semaphore(_DOWNLOADS)
 
     def poke(self, job_id: int | None = None) -> None:
@@ -335,13 +337,17 @@ class RetrainTracker:
 
     async def _download(self, job: Job, ctx: ModelContext, url: str) -> None:
         async with self._download_slots:
-            dest = plan_result_name(ctx.inbox, job.name, job_id=job.id)
+            dest: Path | None = None
             try:
+                # Two jobs of one name finishing together: the second takes NAME.jobN.result.zip, never the same
+                # name (nor the same hidden part file) as a download under way.
+                dest = plan_result_name(ctx.inbox, job.name, job_id=job.id, claimed=self._result_names)
+                self._result_names.add(dest)
                 size = await self.client.download(url, dest, max_bytes=self.settings.status.max_result_bytes)
             except ResultTooLarge as e:
                 self._no_result(job, str(e))
                 return
-            except (ApiError, TransportError, OSError) as e:
+            except (ApiError, TransportError, OSError) as e:  # OSError: done/ unusable too (planning the name)
                 # Counted apart from the status checks (which succeed meanwhile): the next check starts a new
                 # download with a fresh download_url, up to max_attempts, then the result is given up.
                 failures = self._download_failures.get(job.id, 0) + 1
@@ -353,6 +359,9 @@ class RetrainTracker:
                 else:
                     log.warning("retrain.download_failed", **job.log_fields(), error=reason, attempt=failures)
                 return
+            finally:
+                if dest is not None:
+                    self._result_names.discard(dest)  # written (then it exists) or given up
             self._download_failures.pop(job.id, None)
             relative = str(dest.relative_to(ctx.inbox))
             self.ledger.update(
