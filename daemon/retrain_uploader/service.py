@@ -579,6 +579,17 @@ class Service:
             return
         try:
             outcome = await self.runner.process(job_id, ctx)
+        except OSError as e:
+            # The inbox (done/, failed/) unwritable or full while moving: one line, not a traceback every retry.
+            log.warning(
+                "job.close_failed",
+                model=job.model,
+                job_id=job_id,
+                error=str(e),
+                retry_in_s=self.settings.retry.max_delay_s,
+            )
+            self._later(self.settings.retry.max_delay_s, lambda: self._enqueue(job_id))
+            return
         except Exception:
             # Not a bad file (those fail their job): a bug, or the inbox became unwritable while moving. Keep the job
             # and the worker, and try again later; the ledger still says where the job stood.
