@@ -416,8 +416,8 @@ class RetrainTracker:
         with contextlib.suppress(StaleJob):
             if isinstance(read_answer(error), Gone) and job.state in (State.UPLOADED, State.RETRAINING):
                 # Only the documented "Not found retrain job." / "This job may be deleted." end a retraining: a
-                # gateway's HTML 404 or a bug of ours is retried until give_up_after_h (re-dropping a file whose
-                # retraining "failed" would pay again).
+                # gateway's HTML 404 or a bug of ours is retried with backoff (re-dropping a file whose retraining
+                # "failed" would pay again). Only real answers count as watched time for give_up_after_h.
                 self.ledger.update(
                     job.id,
                     state=State.RETRAIN_FAILED,
