@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sqlite3
 import tempfile
@@ -23,7 +22,7 @@ import structlog
 from .checks import InputError
 from .config import ModelSettings, Settings
 from .ledger import LedgerUnreadable, connect_read_only, reference_header, sent_before
-from .packager import Package
+from .packager import Package, source_identity
 from .rules import model_rules
 from .runner import build_package, inbox_key
 from .watcher import Candidate, InboxWatcher, Reject, is_ignored, plan
@@ -188,11 +187,11 @@ async def dry_run(settings: Settings, *, stop: asyncio.Event | None = None, hand
     tasks: set[asyncio.Task[None]] = set()
 
     def identity(inbox: Path, name: str) -> list[int]:
+        # The daemon's own identity of a file version (ctime included: a rewrite in place is another version).
         try:
-            st = os.lstat(inbox / name)
+            return source_identity(inbox / name)
         except OSError:
             return []
-        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
     def seen(model: ModelSettings, name: str) -> bool:
         return judged.get((model.name, name)) == identity(model.inbox, name)
