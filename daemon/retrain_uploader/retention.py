@@ -136,10 +136,9 @@ def sweep_done(inbox: Path, *, older_than: float, held: Collection[str] = ()) ->
     except FileNotFoundError:
         return DoneSweep()
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            return DoneSweep(skipped="done/ is a symlink: not followed")
-        if e.errno == errno.ENOTDIR:
-            return DoneSweep(skipped="done/ is not a folder")
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # Linux says ENOTDIR for a symlink with O_DIRECTORY
+            link = os.path.islink(inbox / "done")
+            return DoneSweep(skipped="done/ is a symlink: not followed" if link else "done/ is not a folder")
         return DoneSweep(skipped=f"cannot open done/: {e.strerror}")
     files = size = 0
     errors: list[str] = []
