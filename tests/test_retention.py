@@ -505,3 +505,15 @@ async def _reload_and_periodic(tmp_path: Path, emulator: Emulator, daemons: Call
     code, _ = await daemon.terminate()
     assert code == 0
     assert "Traceback" not in daemon.text()
+
+
+def test_the_example_config_documents_the_retention_keys(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "config" / "config.example.toml"
+    text = example.read_text(encoding="utf-8")
+    for key in ("# keep_days = ", "# [retention]", "# done_days = ", "# interval_s = "):
+        assert key in text
+        text = text.replace(key, key[2:], 1)  # uncommented, as a user would
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    settings = Settings.from_toml(path)
+    assert (settings.ledger.keep_days, settings.retention.done_days, settings.retention.interval_s) == (90, 30, 3600)
