@@ -228,7 +228,10 @@ class Retention:
         try:
             while not stop.is_set():
                 self._wake.clear()
-                await self.run_once()
+                try:
+                    await self.run_once()
+                except Exception:  # a bug: said loudly, and tried again next interval; never the end of retention
+                    log.exception("retention.crashed")
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
                 try:
