@@ -361,9 +361,11 @@ class Ledger:
             raise LedgerDamaged(f"{path}: cannot open the ledger ({e}); {_NOT_A_LEDGER_FIX}") from e
         try:
             self._db.row_factory = sqlite3.Row
-            # Takes effect only on a new file (before its first table): pages freed by retention can then be given
-            # back to the filesystem a few at a time (see retention.py); an older ledger needs one VACUUM for it.
-            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if self._db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new file (set before its first table; on an existing file the pragma would write its header):
+                # pages freed by retention can be given back a few at a time (retention.py); an older ledger needs
+                # one VACUUM for it.
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
