@@ -165,6 +165,20 @@ class LedgerSettings(_Section):
     path: Path = Path("/var/lib/retrain-uploader/ledger.sqlite3")
     # Pair zips are built here; it must be on a disk with room for the largest pair. Default: beside the ledger.
     staging_dir: Path | None = None
+    # Jobs with nothing left to do (failed, duplicate, finished and downloaded, switched, retrain_failed or _timeout)
+    # whose last change is older than this are deleted with their events; None keeps every job. Duplicate detection
+    # then reaches back this far only. Each model's reference header (its newest finished job) is always kept.
+    keep_days: PositiveFloat | None = None
+
+
+class RetentionSettings(_Section):
+    """Opt-in clean-up: nothing is deleted unless asked."""
+
+    # Files in each inbox's done/ older than this (the later of their mtime and ctime: the move into done/ counts)
+    # are deleted; None keeps them all. Never outside done/, never below it, never a symlink, never a file of a job
+    # still under way.
+    done_days: PositiveFloat | None = None
+    interval_s: PositiveFloat = 3600.0  # how often keep_days and done_days are applied (also at start and reload)
 
 
 class WatchSettings(_Section):
@@ -362,6 +376,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     upload: UploadSettings = UploadSettings()
+    retention: RetentionSettings = RetentionSettings()
     models: Annotated[tuple[ModelSettings, ...], Field(min_length=1)]
     source: Path | None = None
 

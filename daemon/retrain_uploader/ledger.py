@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "AFTER_UPLOAD",
+    "PRUNABLE",
     "SCHEMA_VERSION",
     "Job",
     "Ledger",
@@ -32,10 +33,14 @@ __all__ = [
     "StaleJob",
     "State",
     "connect_read_only",
+    "connect_writer",
+    "held_files",
     "is_corruption",
     "iso",
     "lock_held",
+    "prune_batch",
     "reference_header",
+    "reference_job_ids",
     "sent_before",
 ]
 
@@ -302,6 +307,10 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN watched_s REAL;
     """,
+    # 8: retention ([ledger] keep_days) finds the settled jobs older than its cutoff without reading the others
+    """
+    CREATE INDEX jobs_state_updated ON jobs(state, updated_at);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _DUPLICATE_OF = (
@@ -352,6 +361,11 @@ class Ledger:
             raise LedgerDamaged(f"{path}: cannot open the ledger ({e}); {_NOT_A_LEDGER_FIX}") from e
         try:
             self._db.row_factory = sqlite3.Row
+            if self._db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new file (set before its first table; on an existing file the pragma would write its header):
+                # pages freed by retention can be given back a few at a time (retention.py); an older ledger needs
+                # one VACUUM for it.
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -665,6 +679,101 @@ def sent_before(db: sqlite3.Connection, model: str, inbox: str | None, content_s
     """(job id, state) of the first job of this inbox (or, before schema 3, model) that sent or sends this content."""
     row = db.execute(_DUPLICATE_OF, (inbox, model, content_sha256, -1, *_SENT_OR_SENDING)).fetchone()
     return None if row is None else (int(row[0]), str(row[1]))
+
+
+# -- retention ([ledger] keep_days) --------------------------------------------------------------------------------
+# A job may be pruned only once nothing is left to do for it or with it: its files moved (closed), its upload
+# settled, its retraining ended, its result downloaded or given up, its auto-switch done. Not `State.terminal`: that is
+# the end of the upload, and an uploaded or retraining job is still followed.
+PRUNABLE = frozenset(
+    {State.FAILED, State.DUPLICATE, State.FINISHED, State.SWITCHED, State.RETRAIN_FAILED, State.RETRAIN_TIMEOUT}
+)
+_PRUNABLE = tuple(sorted(PRUNABLE))
+
+
+def _settled(*, download: bool, auto_switch: Collection[str]) -> tuple[str, list[Any]]:
+    """The SQL condition (and its arguments) of a job with nothing left to do; ``auto_switch`` holds the names and the
+    resolved inboxes of the models that switch by themselves (a renamed model keeps its inbox)."""
+    sql = f"(closed = 1 AND outcome_unknown_since IS NULL AND state IN ({', '.join('?' * len(_PRUNABLE))})"
+    args: list[Any] = [*_PRUNABLE]
+    if download:  # a finished retraining whose result is still to be fetched
+        sql += " AND NOT (state IN (?, ?) AND result_path IS NULL)"
+        args += [State.FINISHED, State.SWITCHED]
+    if auto_switch:  # a finished retraining still to be switched to
+        marks = ", ".join("?" * len(auto_switch))
+        sql += f" AND NOT (state = ? AND (model IN ({marks}) OR inbox IN ({marks})))"
+        args += [State.FINISHED, *auto_switch, *auto_switch]
+    return sql + ")", args
+
+
+def reference_job_ids(db: sqlite3.Connection) -> set[int]:
+    """The jobs :func:`reference_header` may answer with: the newest finished one with a header per inbox (and, for
+    jobs from before schema 3, per model). Retention keeps them, however old."""
+    rows = db.execute(
+        "SELECT MAX(id) FROM jobs WHERE state IN (?, ?) AND header IS NOT NULL"
+        " GROUP BY inbox, CASE WHEN inbox IS NULL THEN model END",
+        (State.FINISHED, State.SWITCHED),
+    )
+    return {int(row[0]) for row in rows}
+
+
+def prune_batch(
+    db: sqlite3.Connection,
+    *,
+    before: str,
+    download: bool,
+    auto_switch: Collection[str],
+    keep: Collection[int] = (),
+    limit: int = 1000,
+) -> tuple[int, int]:
+    """Delete up to ``limit`` jobs with nothing left to do whose last change is before ``before`` (an ISO time in the
+    ledger's form), and their events, in one short write transaction. ``keep``: ids never deleted. Returns (jobs,
+    events) deleted; (0, 0) when none is left."""
+    settled, args = _settled(download=download, auto_switch=auto_switch)
+    # No ORDER BY: the (state, updated_at) index yields the old rows of each state and LIMIT stops the walk.
+    sql = f"SELECT id FROM jobs WHERE updated_at < ? AND {settled} LIMIT ?"  # noqa: S608 -- placeholders only
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = [int(row[0]) for row in db.execute(sql, [before, *args, limit + len(keep)])]
+        ids = [job_id for job_id in found if job_id not in keep][:limit]
+        events = jobs = 0
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            events = db.execute(f"DELETE FROM job_events WHERE job_id IN ({marks})", ids).rowcount  # noqa: S608
+            jobs = db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids).rowcount  # noqa: S608
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return jobs, events
+
+
+def held_files(
+    db: sqlite3.Connection, *, download: bool, auto_switch: Collection[str]
+) -> list[tuple[str | None, str, str]]:
+    """(inbox, model, path relative to the inbox) of every file a job with something left to do names: its planned or
+    done moves and its result. Retention never removes these."""
+    settled, args = _settled(download=download, auto_switch=auto_switch)
+    sql = f"SELECT inbox, model, moved_to, result_path FROM jobs WHERE NOT {settled}"  # noqa: S608 -- placeholders
+    out: list[tuple[str | None, str, str]] = []
+    for row in db.execute(sql, args):
+        names = [*json.loads(row[2] or "[]"), row[3]]
+        out += [(row[0], row[1], name) for name in names if name]
+    return out
+
+
+def connect_writer(path: Path) -> sqlite3.Connection:
+    """A second writing connection to the daemon's ledger, for work done in a thread (retention): the daemon's own
+    connection belongs to the event loop. Same durability; short transactions only."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
 
 
 def iso(at: float) -> str:

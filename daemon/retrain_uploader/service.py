@@ -31,6 +31,7 @@ from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
 from .redact import register_secret
+from .retention import Retention
 from .runner import Closed, ModelContext, Parked, RetryLater, Runner, WaitForWindow, context_for, inbox_key
 from .tracker import RetrainTracker
 from .watcher import Candidate, InboxWatcher, Reject
@@ -86,6 +87,7 @@ class Service:
         self.window: UploadWindow
         self.runner: Runner
         self.tracker: RetrainTracker
+        self.retention = Retention(lambda: self.settings)  # keep_days, done_days: read at each pass
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -130,6 +132,7 @@ class Service:
         workers: list[asyncio.Task[None]] = []
         exporter: MetricsServer | None = None
         try:
+            await self.retention.prepare()  # a one-off VACUUM, before anything else writes
             if self.settings.metrics.enabled:
                 exporter = MetricsServer(
                     self.metrics,
@@ -152,6 +155,7 @@ class Service:
             self._spawn(self._heartbeat(), "heartbeat")
             self._spawn(self.window.run(self.stop_event), "upload-window")
             self._spawn(self.tracker.run(self.stop_event), "retrain-tracker")
+            self._spawn(self.retention.run(self.stop_event), "retention")
             self.ready.set()
             self._notifier.send("READY=1", f"STATUS={self.summary()}")
             log.info(
@@ -220,6 +224,7 @@ class Service:
             return False
         fixed = {name: getattr(self.settings, name) for name in ("ledger", "pool", "api")}
         fixed["api"] = self.settings.api.model_copy(update=reloadable)
+        fixed["ledger"] = self.settings.ledger.model_copy(update={"keep_days": new.ledger.keep_days})
         changed = sorted(name for name, value in fixed.items() if getattr(new, name) != value)
         if changed:
             log.warning("config.restart_needed", sections=changed, action="these keep their running values")
@@ -267,6 +272,7 @@ class Service:
                 log.error("model.key_unreadable", model=model.name, error=str(e))
             if ctx.paused_reason is not None:
                 self._schedule_probe(ctx, 0.0)
+        self.retention.poke()
         log.info("config.reloaded", models=sorted(new_names))
         self._notifier.send("READY=1", f"STATUS={self.summary()}")
         return True
