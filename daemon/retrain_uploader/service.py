@@ -134,6 +134,7 @@ class Service:
                 exporter = MetricsServer(
                     self.metrics,
                     self._metrics_snapshot,
+                    health=self._health_snapshot,
                     host=self.settings.metrics.host,
                     port=self.settings.metrics.port,
                 )
@@ -635,6 +636,16 @@ class Service:
             oldest_waiting_s={
                 m.name: (waiting_files(m.inbox)[1] or {}).get("age_s") for m in self.settings.models
             },
+        )
+
+    def _health_snapshot(self) -> Snapshot:
+        """What /healthz reads: the paused models (one small table), no job counts, no look into the inboxes."""
+        rows = self.ledger.models()
+        return Snapshot(
+            jobs={},
+            paused={name: ctx.paused_reason for name, ctx in self.models.items()},
+            ledger_path=self.settings.ledger.path,
+            paused_at={name: rows.get(name, {}).get("paused_at") for name in self.models},
         )
 
     def summary(self) -> str:
