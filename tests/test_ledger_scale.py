@@ -190,3 +190,15 @@ def test_the_listing_counts_what_a_filter_left_out(config: Path) -> None:
     assert header.split()[0] == "id"
     assert len(rows) == 50 and all(" failed " in row and " alpha " in row for row in rows)
     assert footer == "(10 older job(s) not shown; use --limit N or --since)"
+
+
+def test_the_daemons_check_at_open_is_bounded_and_says_when_it_read_everything(tmp_path: Path) -> None:
+    """A small ledger is checked whole (a damaged page is refused: tests/test_damaged_ledger.py); a check that would
+    take longer than its budget stops there instead of holding the daemon's start for seconds."""
+    path = tmp_path / "ledger.sqlite3"
+    _bulk(path, 2000)
+    with Ledger(path, lock=True) as ledger:
+        assert ledger.checked_fully
+    with Ledger(path, lock=True, check_budget_s=0.0) as ledger:
+        assert not ledger.checked_fully
+        assert ledger.counts()["alpha"]["finished"] == 400  # opened and usable all the same

@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "AFTER_UPLOAD",
+    "CHECK_BUDGET_S",
     "SCHEMA_VERSION",
     "Job",
     "Ledger",
@@ -330,6 +331,7 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+CHECK_BUDGET_S = 1.0  # the longest the daemon's integrity check at start may take
 _DUPLICATE_OF = (
     "SELECT id, state FROM jobs WHERE (inbox = ? OR (inbox IS NULL AND model = ?))"  # noqa: S608 -- placeholders
     " AND content_sha256 = ? AND id != ?"
@@ -345,9 +347,17 @@ class Ledger:
     """The job ledger. ``lock=True`` (the daemon) takes an exclusive lock the kernel drops if the process dies."""
 
     def __init__(
-        self, path: Path, *, lock: bool = False, read_only: bool = False, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        lock: bool = False,
+        read_only: bool = False,
+        clock: Callable[[], float] = time.time,
+        check_budget_s: float = CHECK_BUDGET_S,
     ) -> None:
         self.path = path
+        # Whether the daemon's check at open read the whole file (False: a ledger too big for check_budget_s).
+        self.checked_fully = False
         self._clock = clock
         self._lock_fd: int | None = None
         if read_only:
@@ -382,7 +392,8 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             if lock:
-                self._quick_check()  # the daemon: a damaged page now is one clear error, not failures at every take
+                # The daemon: a damaged page now is one clear error, not failures at every take.
+                self._quick_check(check_budget_s)
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.close()
@@ -395,8 +406,21 @@ class Ledger:
             self.close()
             raise
 
-    def _quick_check(self) -> None:
-        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+    def _quick_check(self, budget_s: float) -> None:
+        # A million jobs are 2 GB: a whole check takes seconds, and the daemon's start must not. The check stops
+        # after budget_s (a ledger of some 100,000 jobs is still read whole); a damaged page it did not reach fails
+        # the first query that reads it with SQLITE_CORRUPT instead.
+        deadline = time.monotonic() + budget_s
+        self._db.set_progress_handler(lambda: int(time.monotonic() > deadline), 20_000)
+        try:
+            problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+        except sqlite3.OperationalError as e:
+            if "interrupt" not in str(e):
+                raise
+            return
+        finally:
+            self._db.set_progress_handler(None, 0)
+        self.checked_fully = True
         if problems != ["ok"]:
             msg = f"{self.path}: the ledger is damaged (PRAGMA quick_check: {'; '.join(problems)}); {_DAMAGED_FIX}"
             raise LedgerDamaged(msg)

@@ -25,7 +25,7 @@ from .admin import PROBE_JOB_ID, window_text
 from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
-from .ledger import Job, Ledger, State
+from .ledger import CHECK_BUDGET_S, Job, Ledger, State
 from .metrics import Metrics, MetricsServer, Snapshot
 from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
@@ -91,6 +91,8 @@ class Service:
     async def run(self) -> int:
         network = Network.from_settings(self.settings.api)  # the proxy password and CA bundle, read now
         self.ledger = Ledger(self.settings.ledger.path, lock=True)
+        if not self.ledger.checked_fully:  # said once: the rest is checked by the queries that read it
+            log.info("ledger.check_cut_short", ledger=str(self.settings.ledger.path), budget_s=CHECK_BUDGET_S)
         self.window = UploadWindow(
             self.settings.upload.timetable(),
             TokenBucket(),
