@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -242,8 +243,10 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     since = None if args.since is None else iso(args.since)
     with ledger:
         if args.json:  # every job unless limited, streamed from the ledger's cursor: constant memory at a million
-            jobs = ledger.stream(state=args.state, model=args.model, since=since, limit=args.limit)
-            _emit(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)) for job in jobs)
+            # Closed here, while the ledger is open, also when the reader stopped early (`jobs --json | head`).
+            with contextlib.closing(ledger.stream(state=args.state, model=args.model, since=since,
+                                                  limit=args.limit)) as jobs:
+                _emit(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)) for job in jobs)
         else:
             limit = DEFAULT_LISTING if args.limit is None else args.limit
             shown, total = ledger.recent(state=args.state, model=args.model, since=since, limit=limit)
