@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -549,7 +549,7 @@ class Ledger:
         model: str | None = None,
         since: str | None = None,
         limit: int | None = None,
-    ) -> Iterator[Job]:
+    ) -> Generator[Job, None, None]:
         """The jobs created at or after ``since`` (the newest ``limit`` of them), oldest first, one at a time: the
         ledger's cursor is read as the caller goes, so a million jobs take no more memory than one."""
         where, args = _where(state=state, model=model, since=since)
