@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -96,3 +97,36 @@ async def test_metrics_have_process_metrics_the_oldest_waiting_file_and_the_last
     assert 'retrain_uploader_last_success_timestamp_seconds{model="beta"}' not in got  # never succeeded
     assert got['retrain_uploader_uploads_total{model="alpha"}'] == 1
     assert "# TYPE retrain_uploader_last_success_timestamp_seconds gauge" in text
+
+
+async def test_healthz_reads_only_the_cheap_health_state_never_the_scrape_snapshot(tmp_path: Path) -> None:
+    """A probe every few seconds must not count a million jobs nor list every inbox on the event loop: /healthz
+    reads the ``health`` callable; only /metrics builds the full snapshot."""
+    from retrain_uploader.metrics import Metrics, MetricsServer, Snapshot
+
+    calls = {"snapshot": 0, "health": 0}
+
+    def snapshot() -> Snapshot:
+        calls["snapshot"] += 1
+        return Snapshot(jobs={"alpha": {"finished": 3}}, paused={"alpha": None}, ledger_path=tmp_path / "l.sqlite3")
+
+    def health() -> Snapshot:
+        calls["health"] += 1
+        return Snapshot(jobs={}, paused={"alpha": "Inactive_credential."}, ledger_path=tmp_path / "l.sqlite3",
+                        paused_at={"alpha": "2026-12-01T00:00:00.000Z"})
+
+    sqlite3.connect(tmp_path / "l.sqlite3").close()
+    server = MetricsServer(Metrics(), snapshot, health=health, port=0)
+    await server.start()
+    try:
+        for _ in range(3):
+            status, _, body = await get(server.port, "/healthz")
+            assert status == 200 and body["paused_models"] == [
+                {"model": "alpha", "reason": "Inactive_credential.", "since": "2026-12-01T00:00:00.000Z"}
+            ]
+        assert calls == {"snapshot": 0, "health": 3}
+        status, text, _ = await get(server.port, "/metrics")
+        assert status == 200 and samples(text)['retrain_uploader_jobs{model="alpha",state="finished"}'] == 3.0
+        assert calls == {"snapshot": 1, "health": 3}
+    finally:
+        await server.stop()

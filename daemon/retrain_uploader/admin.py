@@ -64,9 +64,9 @@ def collect(settings: Settings, ledger: Ledger | None, *, now: datetime | None =
         unknown: list[dict[str, Any]] = []
         uploading: list[dict[str, Any]] = []
         if ledger:
-            failed = ledger.jobs(state=State.FAILED, model=model.name)
-            if failed:
-                last_failed = {"id": failed[-1].id, "error": failed[-1].error, "at": failed[-1].updated_at}
+            failed = ledger.last_job(model.name, State.FAILED)
+            if failed is not None:
+                last_failed = {"id": failed.id, "error": failed.error, "at": failed.updated_at}
             sending = ledger.jobs(state=State.UPLOADING, model=model.name)
             uploading = [
                 {

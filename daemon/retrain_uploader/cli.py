@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -239,18 +240,17 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     ledger = _open_ledger(_settings(args))
     if ledger is None:
         return EXIT_OK
-    limit = args.limit if args.limit is not None or args.json else DEFAULT_LISTING
+    since = None if args.since is None else iso(args.since)
     with ledger:
-        jobs, total = ledger.recent(
-            state=args.state,
-            model=args.model,
-            since=None if args.since is None else iso(args.since),
-            limit=limit,
-        )
-    if args.json:
-        _emit(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)) for job in jobs)
-    else:
-        _emit(job_table(jobs, left_out=total - len(jobs)))
+        if args.json:  # every job unless limited, streamed from the ledger's cursor: constant memory at a million
+            # Closed here, while the ledger is open, also when the reader stopped early (`jobs --json | head`).
+            with contextlib.closing(ledger.stream(state=args.state, model=args.model, since=since,
+                                                  limit=args.limit)) as jobs:
+                _emit(escape_surrogates(json.dumps(job.as_dict(), ensure_ascii=False)) for job in jobs)
+        else:
+            limit = DEFAULT_LISTING if args.limit is None else args.limit
+            shown, total = ledger.recent(state=args.state, model=args.model, since=since, limit=limit)
+            _emit(job_table(shown, left_out=total - len(shown)))
     return EXIT_OK
 
 

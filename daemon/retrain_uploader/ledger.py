@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "AFTER_UPLOAD",
+    "CHECK_BUDGET_S",
     "PRUNABLE",
     "SCHEMA_VERSION",
     "Job",
@@ -311,8 +312,35 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_state_updated ON jobs(state, updated_at);
     """,
+    # 9: a million jobs: `status` and the metrics read the jobs per model and state from a table kept by triggers (not
+    # a count over every row); the jobs still open (closed = 0, the daemon's start) and `jobs --since` are indexed
+    """
+    CREATE TABLE job_counts (
+        model TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (model, state)
+    ) WITHOUT ROWID;
+    INSERT INTO job_counts (model, state, n) SELECT model, state, COUNT(*) FROM jobs GROUP BY model, state;
+    CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts (model, state, n) VALUES (new.model, new.state, 1)
+            ON CONFLICT (model, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE model = old.model AND state = old.state;
+    END;
+    CREATE TRIGGER job_counts_update AFTER UPDATE OF model, state ON jobs
+        WHEN old.model IS NOT new.model OR old.state IS NOT new.state BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE model = old.model AND state = old.state;
+        INSERT INTO job_counts (model, state, n) VALUES (new.model, new.state, 1)
+            ON CONFLICT (model, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE INDEX jobs_open ON jobs(id) WHERE closed = 0;
+    CREATE INDEX jobs_created ON jobs(created_at);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+CHECK_BUDGET_S = 1.0  # the longest the daemon's integrity check at start may take
 _DUPLICATE_OF = (
     "SELECT id, state FROM jobs WHERE (inbox = ? OR (inbox IS NULL AND model = ?))"  # noqa: S608 -- placeholders
     " AND content_sha256 = ? AND id != ?"
@@ -328,9 +356,17 @@ class Ledger:
     """The job ledger. ``lock=True`` (the daemon) takes an exclusive lock the kernel drops if the process dies."""
 
     def __init__(
-        self, path: Path, *, lock: bool = False, read_only: bool = False, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        lock: bool = False,
+        read_only: bool = False,
+        clock: Callable[[], float] = time.time,
+        check_budget_s: float = CHECK_BUDGET_S,
     ) -> None:
         self.path = path
+        # Whether the daemon's check at open read the whole file (False: a ledger too big for check_budget_s).
+        self.checked_fully = False
         self._clock = clock
         self._lock_fd: int | None = None
         if read_only:
@@ -370,7 +406,8 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             if lock:
-                self._quick_check()  # the daemon: a damaged page now is one clear error, not failures at every take
+                # The daemon: a damaged page now is one clear error, not failures at every take.
+                self._quick_check(check_budget_s)
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.close()
@@ -383,8 +420,21 @@ class Ledger:
             self.close()
             raise
 
-    def _quick_check(self) -> None:
-        problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+    def _quick_check(self, budget_s: float) -> None:
+        # A million jobs are 2 GB: a whole check takes seconds, and the daemon's start must not. The check stops
+        # after budget_s (a ledger of some 100,000 jobs is still read whole); a damaged page it did not reach fails
+        # the first query that reads it with SQLITE_CORRUPT instead.
+        deadline = time.monotonic() + budget_s
+        self._db.set_progress_handler(lambda: int(time.monotonic() > deadline), 20_000)
+        try:
+            problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+        except sqlite3.OperationalError as e:
+            if "interrupt" not in str(e):
+                raise
+            return
+        finally:
+            self._db.set_progress_handler(None, 0)
+        self.checked_fully = True
         if problems != ["ok"]:
             msg = f"{self.path}: the ledger is damaged (PRAGMA quick_check: {'; '.join(problems)}); {_DAMAGED_FIX}"
             raise LedgerDamaged(msg)
@@ -493,23 +543,41 @@ class Ledger:
     ) -> tuple[list[Job], int]:
         """The newest ``limit`` jobs created at or after ``since`` (an ISO time in the ledger's form), oldest first,
         and how many jobs matched in all (so a listing can say how many it left out)."""
-        where = " WHERE 1=1"
-        args: list[Any] = []
-        for column, value in (("state", state), ("model", model)):
-            if value is not None:
-                where += f" AND {column} = ?"
-                args.append(value)
-        if since is not None:
-            where += " AND created_at >= ?"
-            args.append(since)
-        total = int(self._db.execute("SELECT COUNT(*) FROM jobs" + where, args).fetchone()[0])  # noqa: S608
-        sql = "SELECT * FROM jobs" + where + " ORDER BY id DESC"  # noqa: S608 -- fixed column names
+        rows = list(self.stream(state=state, model=model, since=since, limit=limit))
+        return rows, self.matching(state=state, model=model, since=since)
+
+    def matching(self, *, state: str | None = None, model: str | None = None, since: str | None = None) -> int:
+        """How many jobs :meth:`stream` would give without a limit."""
+        if since is None:  # from the counts the triggers keep, not a count over every job
+            where, args = _where(state=state, model=model)
+            sql = "SELECT coalesce(sum(n), 0) FROM job_counts" + where  # noqa: S608 -- fixed column names
+        else:
+            where, args = _where(state=state, model=model, since=since)
+            sql = "SELECT COUNT(*) FROM jobs" + where  # noqa: S608 -- fixed column names
+        return int(self._db.execute(sql, args).fetchone()[0])
+
+    def stream(
+        self,
+        *,
+        state: str | None = None,
+        model: str | None = None,
+        since: str | None = None,
+        limit: int | None = None,
+    ) -> Generator[Job, None, None]:
+        """The jobs created at or after ``since`` (the newest ``limit`` of them), oldest first, one at a time: the
+        ledger's cursor is read as the caller goes, so a million jobs take no more memory than one."""
+        where, args = _where(state=state, model=model, since=since)
+        sql = "SELECT * FROM jobs" + where + " ORDER BY id"  # noqa: S608 -- fixed column names
         if limit is not None:
-            sql += " LIMIT ?"
+            sql = f"SELECT * FROM (SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?) ORDER BY id"  # noqa: S608
             args.append(limit)
-        rows = [_job(r) for r in self._db.execute(sql, args)]
-        rows.reverse()
-        return rows, total
+        # Its own cursor, closed when the caller stops early (`jobs --json | head`), not the connection's default.
+        cursor = self._db.cursor()
+        try:
+            for row in cursor.execute(sql, args):
+                yield _job(row)
+        finally:
+            cursor.close()
 
     def failed_since(self, since: str, states: Iterable[str]) -> list[Job]:
         """Jobs in one of ``states`` whose last change is at or after ``since`` (an ISO time in the ledger's form)."""
@@ -554,7 +622,7 @@ class Ledger:
 
     def unfinished(self) -> list[Job]:
         """Jobs the daemon still owes something: a step, or the move of their sources."""
-        rows = self._db.execute("SELECT * FROM jobs WHERE closed = 0 ORDER BY id")
+        rows = self._db.execute("SELECT * FROM jobs WHERE closed = 0 ORDER BY id")  # the partial index jobs_open
         return [_job(r) for r in rows]
 
     def update(
@@ -657,10 +725,19 @@ class Ledger:
         return {r["name"]: dict(r) for r in self._db.execute("SELECT * FROM models ORDER BY name")}
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """Jobs per model and state: a small table the triggers keep (a count over every job takes seconds at a
+        million)."""
         out: dict[str, dict[str, int]] = {}
-        for r in self._db.execute("SELECT model, state, COUNT(*) AS n FROM jobs GROUP BY model, state"):
+        for r in self._db.execute("SELECT model, state, n FROM job_counts WHERE n > 0"):
             out.setdefault(r["model"], {})[r["state"]] = int(r["n"])
         return out
+
+    def last_job(self, model: str, state: str) -> Job | None:
+        """The model's newest job in ``state`` (one index lookup, however many it has)."""
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE model = ? AND state = ? ORDER BY id DESC LIMIT 1", (model, state)
+        ).fetchone()
+        return None if row is None else _job(row)
 
 
 _REFERENCE = (
@@ -828,7 +905,31 @@ def _take_lock(path: Path) -> int:
 
 
 def _split_sql(script: str) -> Iterable[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """The statements of ``script``; a trigger's body (``BEGIN ...; ...; END``) stays one statement."""
+    statements: list[str] = []
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip())
+    return statements
+
+
+def _where(*, state: str | None = None, model: str | None = None, since: str | None = None) -> tuple[str, list[Any]]:
+    where = " WHERE 1=1"
+    args: list[Any] = []
+    for column, value in (("state", state), ("model", model)):
+        if value is not None:
+            where += f" AND {column} = ?"
+            args.append(value)
+    if since is not None:
+        where += " AND created_at >= ?"
+        args.append(since)
+    return where, args
 
 
 def _event_detail(fields: dict[str, Any]) -> dict[str, Any]:

@@ -128,18 +128,22 @@ class _ScrapeCollector(Collector):
 
 
 class MetricsServer:
-    """Serves ``GET /metrics`` and ``GET /healthz``. ``snapshot`` returns the daemon's state at request time."""
+    """Serves ``GET /metrics`` and ``GET /healthz``. ``snapshot`` returns the daemon's state at request time;
+    ``health``, if given, the part ``/healthz`` reads (paused models, the ledger's path) without what only a scrape
+    needs (job counts, a look into every inbox): a probe every few seconds costs the event loop next to nothing."""
 
     def __init__(
         self,
         metrics: Metrics,
         snapshot: Callable[[], Snapshot],
         *,
+        health: Callable[[], Snapshot] | None = None,
         host: str = "127.0.0.1",
         port: int = 9464,
     ) -> None:
         self._metrics = metrics
         self._snapshot = snapshot
+        self._health_snapshot = health or snapshot
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -172,7 +176,7 @@ class MetricsServer:
 
     async def _health(self, _request: web.Request) -> web.Response:
         # This handler runs on the daemon's event loop: that it answers at all is the loop's half of the check.
-        snap = self._snapshot()
+        snap = self._health_snapshot()
         problems: list[str] = []
         if snap.ledger_path is not None:
             problem = await asyncio.to_thread(_ledger_unwritable, snap.ledger_path)

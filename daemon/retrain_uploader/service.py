@@ -25,7 +25,7 @@ from .admin import PROBE_JOB_ID, window_text
 from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
-from .ledger import Job, Ledger, State
+from .ledger import CHECK_BUDGET_S, Job, Ledger, State
 from .metrics import Metrics, MetricsServer, Snapshot
 from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
@@ -93,6 +93,8 @@ class Service:
     async def run(self) -> int:
         network = Network.from_settings(self.settings.api)  # the proxy password and CA bundle, read now
         self.ledger = Ledger(self.settings.ledger.path, lock=True)
+        if not self.ledger.checked_fully:  # said once: the rest is checked by the queries that read it
+            log.info("ledger.check_cut_short", ledger=str(self.settings.ledger.path), budget_s=CHECK_BUDGET_S)
         self.window = UploadWindow(
             self.settings.upload.timetable(),
             TokenBucket(),
@@ -137,6 +139,7 @@ class Service:
                 exporter = MetricsServer(
                     self.metrics,
                     self._metrics_snapshot,
+                    health=self._health_snapshot,
                     host=self.settings.metrics.host,
                     port=self.settings.metrics.port,
                 )
@@ -641,6 +644,16 @@ class Service:
             oldest_waiting_s={
                 m.name: (waiting_files(m.inbox)[1] or {}).get("age_s") for m in self.settings.models
             },
+        )
+
+    def _health_snapshot(self) -> Snapshot:
+        """What /healthz reads: the paused models (one small table), no job counts, no look into the inboxes."""
+        rows = self.ledger.models()
+        return Snapshot(
+            jobs={},
+            paused={name: ctx.paused_reason for name, ctx in self.models.items()},
+            ledger_path=self.settings.ledger.path,
+            paused_at={name: rows.get(name, {}).get("paused_at") for name in self.models},
         )
 
     def summary(self) -> str:
