@@ -165,3 +165,25 @@ async def test_an_old_job_is_checked_less_often_than_a_young_one(
     assert min(old_gaps) >= 0.85  # max_poll_s (1 s) less 10 % jitter; before: every 0.2 s
     assert young_gaps and max(young_gaps) < 0.6  # still about poll_s
     assert len(young) >= 2 * len(old)
+
+
+async def test_after_a_restart_old_jobs_are_spread_over_their_own_interval_not_checked_in_one_burst(
+    tmp_path: Path, status_server: tuple[StatusServer, str]
+) -> None:
+    server, base_url = status_server
+    jobs = 20
+    config = write_config(
+        tmp_path, base_url,
+        status={"poll_s": 0.2, "max_poll_s": 1.0, "download_result": False},
+    )
+    settings = Settings.from_toml(config)
+    retraining_jobs(settings, [3600.0] * jobs)  # every one checked once a max_poll_s (1 s) from now on
+
+    await run_service(settings, lambda: len({job for _, job in server.checks}) == jobs, timeout=10)
+    first_round = sorted(min(t for t, j in server.checks if j == job) for job in {j for _, j in server.checks})
+    start = first_round[0]
+    quarters = [sum(start + q * 0.25 <= t < start + (q + 1) * 0.25 for t in first_round) for q in range(4)]
+    # The steady rate is 20 checks a second; before, all 20 came in the first poll_s (0.2 s): 5x that rate, and again
+    # every max_poll_s after it.
+    assert max(quarters) <= 2 * jobs / 4, quarters
+    assert first_round[-1] - start >= 0.6

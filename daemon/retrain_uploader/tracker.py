@@ -35,6 +35,9 @@ NOT_FINISHED_MESSAGE = "Retrain job is not finished."
 _AGE_FRACTION = 0.1  # a job is checked about ten times over any stretch of its life, once past the first interval
 _PERSIST_S = 600.0  # watched time is written to the ledger in steps this big (a crash forgets at most one step)
 _DOWNLOADS = 2  # result downloads at once, beside the polls
+# Phases of the first checks after a full read: n times the golden ratio, modulo 1. Any run of consecutive jobs (and so
+# jobs of about the same age, which have about the same interval) lands evenly over [0, 1), whatever the run's length.
+_GOLDEN = (5**0.5 - 1) / 2
 
 
 def poll_interval(age_s: float, *, poll_s: float, max_poll_s: float) -> float:
@@ -145,7 +148,8 @@ class RetrainTracker:
         """Hand the jobs that are due (and the ones poked) to the poll workers.
 
         Every ``poll_s`` the ledger is read for the jobs still tracked: those not scheduled yet (at start, or after a
-        model resumed) are spread evenly over the next ``poll_s``, never checked in one burst.
+        model resumed) are spread evenly over their interval (``poll_s`` for a young job, up to ``max_poll_s`` for an
+        old one), never checked in one burst.
         """
         now = self._monotonic()
         if self._full or now >= self._next_full:
@@ -182,10 +186,13 @@ class RetrainTracker:
         self._next = {k: v for k, v in self._next.items() if k in keep}
         self._heap = [(at, k) for k, at in self._next.items()]
         heapq.heapify(self._heap)
-        new = [job.id for job in wanted if job.id not in self._next and job.id not in self._inflight]
-        new = [job_id for job_id in new if job_id not in self._poked]
-        for n, job_id in enumerate(new):
-            self._schedule(job_id, now + self.settings.status.poll_s * n / len(new))
+        new = [job for job in wanted if job.id not in self._next and job.id not in self._inflight]
+        new = [job for job in new if job.id not in self._poked]
+        # Each at its own phase of its own interval: a job checked every 10 min by now (max_poll_s) gets its first
+        # check somewhere in the next 10 min, not in the next poll_s with all the others. Squeezing them into poll_s
+        # made a burst of max_poll_s / poll_s times the steady rate after every restart, repeated every max_poll_s.
+        for n, job in enumerate(new):
+            self._schedule(job.id, now + self._regular_s(job) * ((n * _GOLDEN) % 1.0))
 
     async def _worker(self, queue: asyncio.Queue[Job]) -> None:
         while True:
@@ -199,11 +206,14 @@ class RetrainTracker:
 
     def _interval(self, job: Job) -> float:
         """The next regular check of ``job``: its age's interval with 10 % jitter, so checks never line up."""
+        return self._regular_s(job) * self._random.uniform(0.9, 1.1)
+
+    def _regular_s(self, job: Job) -> float:
         status = self.settings.status
         age = 0.0
         if job.uploaded_at is not None:
             age = self._clock() - _timestamp(job.uploaded_at)
-        return poll_interval(age, poll_s=status.poll_s, max_poll_s=status.max_poll_s) * self._random.uniform(0.9, 1.1)
+        return poll_interval(age, poll_s=status.poll_s, max_poll_s=status.max_poll_s)
 
     def _wanted(self, job: Job) -> bool:
         ctx = context_for(self.models, job)
