@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from aiohttp import web
 from retrain_uploader.config import Settings
 from retrain_uploader.ledger import Ledger, State
 from retrain_uploader.service import Service
-from retrain_uploader.tracker import poll_interval
+from retrain_uploader.tracker import first_check_s, poll_interval
 
 from ._proc import write_config
 from .conftest import wait_for
@@ -36,6 +37,37 @@ def test_the_interval_is_poll_s_at_first_then_a_tenth_of_the_age_up_to_max_poll_
 
 def test_a_ceiling_below_poll_s_never_polls_faster_than_poll_s() -> None:
     assert poll_interval(10**6, poll_s=60, max_poll_s=30) == 60
+
+
+@pytest.mark.parametrize("interval_s", [60.0, 600.0])
+def test_checks_come_at_a_steady_rate_from_the_first_round_on(interval_s: float) -> None:
+    """Jobs newly scheduled at evenly spread phases, then each checked every interval x U(0.9, 1.1) (the tracker's
+    jitter): the first round must hand over to the second without a crowd just before ``interval_s`` and a gap after.
+    Before, the first round was a flat phase x interval: up to 1.5x the steady rate before interval_s, 0.5x after."""
+    jobs, rng = 20_000, random.Random(7)
+    checks: list[float] = []
+    for n in range(jobs):
+        at = first_check_s((n * 0.6180339887) % 1.0, interval_s)
+        assert 0.0 <= at <= 1.1 * interval_s
+        while at < 3 * interval_s:
+            checks.append(at)
+            at += interval_s * rng.uniform(0.9, 1.1)
+    bins = 60  # over three intervals
+    width = 3 * interval_s / bins
+    counts = [0] * bins
+    for at in checks:
+        counts[int(at / width)] += 1
+    steady = jobs * width / interval_s
+    assert max(counts) <= 1.1 * steady, counts
+    assert min(counts) >= 0.9 * steady, counts
+
+
+def test_the_first_check_is_within_the_jittered_interval_and_keeps_the_phases_order() -> None:
+    offsets = [first_check_s(phase / 100, 60.0) for phase in range(100)]
+    assert offsets == sorted(offsets)
+    assert offsets[0] == 0.0
+    assert offsets[50] == 30.0  # flat (phase x interval) up to 0.9 x interval
+    assert 54.0 < offsets[99] <= 66.0
 
 
 def test_the_trackers_query_reads_only_an_index_never_every_finished_row(tmp_path: Path) -> None:
