@@ -541,3 +541,42 @@ async def test_run_forever_prints_url_and_stops_on_sigterm(session: aiohttp.Clie
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_a_running_job_stays_retraining_until_finished(
+    emu: Emulator, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    job = emu.add_running_job(KEY, "long.csv")
+    clock.now += 10 * 60  # far past retrain_s
+    assert await call(session, "GET", job_url(emu, job.job_id)) == (
+        200,
+        {"status": "retraining", "metadata": {"retrain_job_id": job.job_id}},
+    )
+    assert (await call(session, "GET", job_url(emu, job.job_id), OTHER))[1]["message"] == "Not found retrain job."
+    emu.finish_job(job.job_id)
+    status, body = await call(session, "GET", job_url(emu, job.job_id))
+    assert (status, body["status"], body["model_id"]) == (200, "job_finished", 7)
+    assert emu.uploads == []  # nothing was sent for it
+
+
+async def test_a_running_job_ends_in_its_models_failure(emu: Emulator, session: aiohttp.ClientSession) -> None:
+    job = emu.add_running_job(KEY)
+    emu.fail_retraining(KEY, "retrain_failed", "No memory.")
+    assert (await call(session, "GET", job_url(emu, job.job_id)))[1]["status"] == "retraining"
+    emu.finish_job(job.job_id)
+    _, body = await call(session, "GET", job_url(emu, job.job_id))
+    assert (body["status"], body["message"]) == ("retrain_failed", "No memory.")
+
+
+async def test_each_request_records_when_it_arrived(
+    emu: Emulator, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    job = emu.add_running_job(KEY)
+    await call(session, "GET", job_url(emu, job.job_id))
+    clock.now += 2.5
+    await call(session, "GET", job_url(emu, job.job_id))
+    _, requests = await call(session, "GET", f"{emu.base_url}/_emulator/requests", None)
+    assert [(r["endpoint"], r["job_id"], r["at"]) for r in requests if r["endpoint"] == "status"] == [
+        ("status", job.job_id, 1000.0),
+        ("status", job.job_id, 1002.5),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from aiohttp import web
 from retrain_uploader.config import Settings
 from retrain_uploader.ledger import Ledger, State
 from retrain_uploader.service import Service
-from retrain_uploader.tracker import poll_interval
+from retrain_uploader.tracker import first_check_s, poll_interval
 
 from ._proc import write_config
 from .conftest import wait_for
@@ -36,6 +37,37 @@ def test_the_interval_is_poll_s_at_first_then_a_tenth_of_the_age_up_to_max_poll_
 
 def test_a_ceiling_below_poll_s_never_polls_faster_than_poll_s() -> None:
     assert poll_interval(10**6, poll_s=60, max_poll_s=30) == 60
+
+
+@pytest.mark.parametrize("interval_s", [60.0, 600.0])
+def test_checks_come_at_a_steady_rate_from_the_first_round_on(interval_s: float) -> None:
+    """Jobs newly scheduled at evenly spread phases, then each checked every interval x U(0.9, 1.1) (the tracker's
+    jitter): the first round must hand over to the second without a crowd just before ``interval_s`` and a gap after.
+    Before, the first round was a flat phase x interval: up to 1.5x the steady rate before interval_s, 0.5x after."""
+    jobs, rng = 20_000, random.Random(7)
+    checks: list[float] = []
+    for n in range(jobs):
+        at = first_check_s((n * 0.6180339887) % 1.0, interval_s)
+        assert 0.0 <= at <= 1.1 * interval_s
+        while at < 3 * interval_s:
+            checks.append(at)
+            at += interval_s * rng.uniform(0.9, 1.1)
+    bins = 60  # over three intervals
+    width = 3 * interval_s / bins
+    counts = [0] * bins
+    for at in checks:
+        counts[int(at / width)] += 1
+    steady = jobs * width / interval_s
+    assert max(counts) <= 1.1 * steady, counts
+    assert min(counts) >= 0.9 * steady, counts
+
+
+def test_the_first_check_is_within_the_jittered_interval_and_keeps_the_phases_order() -> None:
+    offsets = [first_check_s(phase / 100, 60.0) for phase in range(100)]
+    assert offsets == sorted(offsets)
+    assert offsets[0] == 0.0
+    assert offsets[50] == 30.0  # flat (phase x interval) up to 0.9 x interval
+    assert 54.0 < offsets[99] <= 66.0
 
 
 def test_the_trackers_query_reads_only_an_index_never_every_finished_row(tmp_path: Path) -> None:
@@ -165,3 +197,25 @@ async def test_an_old_job_is_checked_less_often_than_a_young_one(
     assert min(old_gaps) >= 0.85  # max_poll_s (1 s) less 10 % jitter; before: every 0.2 s
     assert young_gaps and max(young_gaps) < 0.6  # still about poll_s
     assert len(young) >= 2 * len(old)
+
+
+async def test_after_a_restart_old_jobs_are_spread_over_their_own_interval_not_checked_in_one_burst(
+    tmp_path: Path, status_server: tuple[StatusServer, str]
+) -> None:
+    server, base_url = status_server
+    jobs = 20
+    config = write_config(
+        tmp_path, base_url,
+        status={"poll_s": 0.2, "max_poll_s": 1.0, "download_result": False},
+    )
+    settings = Settings.from_toml(config)
+    retraining_jobs(settings, [3600.0] * jobs)  # every one checked once a max_poll_s (1 s) from now on
+
+    await run_service(settings, lambda: len({job for _, job in server.checks}) == jobs, timeout=10)
+    first_round = sorted(min(t for t, j in server.checks if j == job) for job in {j for _, j in server.checks})
+    start = first_round[0]
+    quarters = [sum(start + q * 0.25 <= t < start + (q + 1) * 0.25 for t in first_round) for q in range(4)]
+    # The steady rate is 20 checks a second; before, all 20 came in the first poll_s (0.2 s): 5x that rate, and again
+    # every max_poll_s after it.
+    assert max(quarters) <= 2 * jobs / 4, quarters
+    assert first_round[-1] - start >= 0.6

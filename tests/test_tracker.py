@@ -281,7 +281,11 @@ async def test_a_slow_result_download_holds_up_neither_the_switch_nor_other_jobs
     clock.finish_retraining()
     first = await wait_for(job_state(d, State.SWITCHED), what="switched while its result is still downloading")
     assert first.result_path is None
-    assert any(r.endpoint == "result" and r.status is None for r in emulator.requests)  # still in flight
+    # The download task is started before the switch, but its request may reach the emulator after the switch did.
+    await wait_for(
+        lambda: any(r.endpoint == "result" and r.status is None for r in emulator.requests),
+        what="the result download in flight",
+    )
     drop(d.inbox(), "second.csv", CSV + "3,40,basic\n")
     await wait_for(lambda: any(j.state is State.RETRAINING for j in d.jobs()), what="the second retraining")
     clock.finish_retraining()

@@ -88,6 +88,7 @@ class RequestRecord:
     job_id: str | None
     path: str  # raw, without the query
     status: int | None = None
+    at: float = 0.0  # emulator clock when the request arrived (before any latency or fault)
 
 
 @dataclass
@@ -252,12 +253,31 @@ class Emulator:
             raise ValueError(msg)
         self._failures[self._keys[api_key]] = (status, message)
 
+    def add_running_job(self, api_key: str, filename: str = "preloaded.csv") -> Job:
+        """A job of this key's model, already uploaded, that stays ``retraining`` (whatever ``retrain_s``) until
+        `finish_job`: for following many long retrainings without uploading each."""
+        job = Job(
+            job_id=str(uuid.uuid4()),
+            model_id=self._keys[api_key],
+            filename=filename,
+            status=RETRAINING,
+            uploads=1,
+            created_at=self._clock(),
+        )
+        self._jobs[job.job_id] = job
+        return job
+
+    def finish_job(self, job_id: str) -> None:
+        """End a job now: ``job_finished``, or the status its model was given by `fail_retraining`."""
+        job = self._jobs[job_id]
+        job.status, job.message = self._failures.get(job.model_id, (FINISHED, None))
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         name = request.match_info.route.name
         endpoint = name if name is not None and name in ENDPOINTS else "other"
         path = request.raw_path.partition("?")[0]
-        record = RequestRecord(request.method, endpoint, request.match_info.get("job_id"), path)
+        record = RequestRecord(request.method, endpoint, request.match_info.get("job_id"), path, at=self._clock())
         self.requests.append(record)
         exchange = Exchange()
         EXCHANGE.set(exchange)

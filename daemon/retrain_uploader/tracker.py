@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +28,14 @@ from .policy import Pause, backoff_delay, classify
 from .redact import scrub
 from .runner import ModelContext, context_for
 
-__all__ = ["FINISHED_STATUS", "NOT_FINISHED_MESSAGE", "RetrainTracker", "interpret", "poll_interval"]
+__all__ = [
+    "FINISHED_STATUS",
+    "NOT_FINISHED_MESSAGE",
+    "RetrainTracker",
+    "first_check_s",
+    "interpret",
+    "poll_interval",
+]
 
 log = structlog.get_logger("retrain_uploader.tracker")
 
@@ -35,12 +43,32 @@ NOT_FINISHED_MESSAGE = "Retrain job is not finished."
 _AGE_FRACTION = 0.1  # a job is checked about ten times over any stretch of its life, once past the first interval
 _PERSIST_S = 600.0  # watched time is written to the ledger in steps this big (a crash forgets at most one step)
 _DOWNLOADS = 2  # result downloads at once, beside the polls
+# Phases of the first checks after a full read: n times the golden ratio, modulo 1. Any run of consecutive jobs (and so
+# jobs of about the same age, which have about the same interval) lands evenly over [0, 1), whatever the run's length.
+_GOLDEN = (5**0.5 - 1) / 2
+_JITTER = 0.1  # each interval is drawn from interval x U(1 - _JITTER, 1 + _JITTER), so checks never line up
 
 
 def poll_interval(age_s: float, *, poll_s: float, max_poll_s: float) -> float:
     """Seconds to the next regular check of a job uploaded ``age_s`` ago: ``poll_s`` at first, then a tenth of its
     age, never more than ``max_poll_s`` (nor less than ``poll_s``)."""
     return max(poll_s, min(max_poll_s, _AGE_FRACTION * age_s))
+
+
+def first_check_s(phase: float, interval_s: float) -> float:
+    """Seconds to the first check of a job scheduled at ``phase`` (in [0, 1)) of its ``interval_s``.
+
+    Later checks come every ``interval_s`` x U(0.9, 1.1). Were the first ones ``phase x interval_s``, the first round
+    would still be running when the second, jittered one begins: 1.5x the steady rate just before ``interval_s``,
+    0.5x just after. The first checks are instead spread as the checks of a long-running job fall in time (the
+    stationary distribution of that renewal): flat up to 0.9 x ``interval_s``, then thinning linearly to nothing at
+    1.1 x, which the second round fills exactly. This is the inverse of that distribution's CDF.
+    """
+    low, width = (1 - _JITTER) * interval_s, 2 * _JITTER * interval_s
+    at = phase * interval_s  # the mean interval is interval_s
+    if at <= low:
+        return at
+    return low + width - math.sqrt(max(0.0, width * width - 2 * width * (at - low)))
 
 
 def _timestamp(iso: str) -> float:
@@ -145,7 +173,8 @@ class RetrainTracker:
         """Hand the jobs that are due (and the ones poked) to the poll workers.
 
         Every ``poll_s`` the ledger is read for the jobs still tracked: those not scheduled yet (at start, or after a
-        model resumed) are spread evenly over the next ``poll_s``, never checked in one burst.
+        model resumed) are spread evenly over their interval (``poll_s`` for a young job, up to ``max_poll_s`` for an
+        old one), never checked in one burst.
         """
         now = self._monotonic()
         if self._full or now >= self._next_full:
@@ -182,10 +211,13 @@ class RetrainTracker:
         self._next = {k: v for k, v in self._next.items() if k in keep}
         self._heap = [(at, k) for k, at in self._next.items()]
         heapq.heapify(self._heap)
-        new = [job.id for job in wanted if job.id not in self._next and job.id not in self._inflight]
-        new = [job_id for job_id in new if job_id not in self._poked]
-        for n, job_id in enumerate(new):
-            self._schedule(job_id, now + self.settings.status.poll_s * n / len(new))
+        new = [job for job in wanted if job.id not in self._next and job.id not in self._inflight]
+        new = [job for job in new if job.id not in self._poked]
+        # Each at its own phase of its own interval: a job checked every 10 min by now (max_poll_s) gets its first
+        # check somewhere in the next 10 min, not in the next poll_s with all the others. Squeezing them into poll_s
+        # made a burst of max_poll_s / poll_s times the steady rate after every restart, repeated every max_poll_s.
+        for n, job in enumerate(new):
+            self._schedule(job.id, now + first_check_s((n * _GOLDEN) % 1.0, self._regular_s(job)))
 
     async def _worker(self, queue: asyncio.Queue[Job]) -> None:
         while True:
@@ -199,11 +231,14 @@ class RetrainTracker:
 
     def _interval(self, job: Job) -> float:
         """The next regular check of ``job``: its age's interval with 10 % jitter, so checks never line up."""
+        return self._regular_s(job) * self._random.uniform(1 - _JITTER, 1 + _JITTER)
+
+    def _regular_s(self, job: Job) -> float:
         status = self.settings.status
         age = 0.0
         if job.uploaded_at is not None:
             age = self._clock() - _timestamp(job.uploaded_at)
-        return poll_interval(age, poll_s=status.poll_s, max_poll_s=status.max_poll_s) * self._random.uniform(0.9, 1.1)
+        return poll_interval(age, poll_s=status.poll_s, max_poll_s=status.max_poll_s)
 
     def _wanted(self, job: Job) -> bool:
         ctx = context_for(self.models, job)
