@@ -370,11 +370,17 @@ def _scan(tap: _Tap) -> _Shape:
         chunk = tap.take()
         buf += chunk
         eof = not chunk
-        cut = len(buf) if eof else _last_row_end(buf)
-        if not cut and len(buf) <= tap.max_line:
-            continue  # no complete row yet
+        # Most regions end at their last line break; only when that one sits inside a quoted value (the fast path
+        # then finds a quote left over) is the cut looked for by quote parity, a pass over every quote.
+        cut = len(buf) if eof else buf.rfind(b"\n") + 1
         region = buf[:cut] + (term if eof and buf and not buf.endswith(b"\n") else b"")
         n = _fast_rows(region, pattern) if cut else None
+        if n is None and not eof and b'"' in buf:
+            cut = _last_row_end(buf)
+            region = buf[:cut]
+            n = _fast_rows(region, pattern) if cut else None
+        if not cut and len(buf) <= tap.max_line:
+            continue  # no complete row yet
         if n is None:
             return _slow(tap, buf, (delimiter, header), rows + 2, tap.lines - tap.breaks(buf), delimiter)
         if tap.target_index is not None and n:
@@ -489,26 +495,24 @@ def _fast_header(row: bytes, encoding: str, delimiter: str) -> tuple[str, tuple[
 @functools.cache
 def _tools(delimiter: int) -> tuple[re.Pattern[bytes], bytes]:
     d = re.escape(bytes([delimiter]))
-    # A blanked-out quoted field (NUL) touching anything but a delimiter, a line break or another one.
-    misplaced = re.compile(rb"\0(?:(?<=[^\0\n\r" + d + rb"]\0)|[^\0\n\r" + d + rb"])")
+    # A quoted value, quotes included: it opens at a field's start (after a delimiter, a line break or the region's
+    # start), may hold doubled quotes, delimiters and line breaks, and closes at a field's end. Matched left to right,
+    # the values pair the quotes as the csv module does; any quote left over is odd quoting (a value never closed, a
+    # quote inside an unquoted value, text after a closing quote), left to the csv module.
+    quoted = re.compile(rb'"(?<![^' + d + rb'\n\r]")[^"]*(?:""[^"]*)*"(?![^' + d + rb'\n\r])')
     noise = bytes(b for b in range(256) if b not in (delimiter, 10, 13))
-    return misplaced, noise
-
-
-# A quoted segment, quotes included. Matched left to right, segments pair the quotes as parity does; a doubled quote
-# inside a value splits it into two adjacent segments ("a""b" -> "a" "b"), each blanked to one NUL below.
-_QUOTED = re.compile(rb'"[^"]*"')
+    return quoted, noise
 
 
 def _fast_rows(region: bytes, pattern: bytes) -> int | None:
     """Rows in ``region`` if it is whole rows exactly like ``pattern``, else None (let csv decide)."""
-    misplaced, noise = _tools(pattern[0])
+    quoted, noise = _tools(pattern[0])
     if b'"' in region:
         # One C-speed pass (a split on quotes builds an object per quote): a quoted line break or delimiter goes with
-        # its segment, so every line break left ends a row and every delimiter left splits a field.
-        region = _QUOTED.sub(b"\0", region)
-        if b'"' in region or misplaced.search(region):
-            return None  # an odd quote count (a value never closed), or a quote inside a value: csv decides
+        # its value, so every line break left ends a row and every delimiter left splits a field.
+        region = quoted.sub(b"", region)
+        if b'"' in region:
+            return None
     if pattern.endswith(b"\r\n") and region.count(b"\r") != region.count(b"\r\n"):
         return None  # a bare CR outside quotes ends a row for csv; the skeleton below would blur its position
     skeleton = region.translate(None, noise)
