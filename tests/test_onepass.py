@@ -300,3 +300,16 @@ def test_the_hash_screen_passes_utf8_split_anywhere_across_reads(tmp_path: Path)
     for shift in range(4):
         path.write_bytes(data[shift:] if shift else data)
         assert packager.hash_csv(path) is not None
+
+
+def test_a_set_cancel_event_stops_the_hash_first_pass(tmp_path: Path) -> None:
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    path = tmp_path / "t.csv"
+    path.write_bytes("id,都道府県\n1,東京都\n".encode() * 1000)
+    with pytest.raises(packager.Cancelled):
+        packager.hash_csv(path, cancel=cancel)
+    cancel.clear()
+    assert packager.hash_csv(path, cancel=cancel) is not None

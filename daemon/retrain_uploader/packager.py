@@ -14,6 +14,7 @@ import sys
 import threading
 import zipfile
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -122,16 +123,18 @@ def hash_csv(path: Path, *, cancel: threading.Event | None = None) -> Package | 
     hasher, size = hashlib.sha256(), 0
     step = _watching(cancel, hasher.update)
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    with open_regular(path) as f:
+    # sha256 lets go of the GIL: a chunk is hashed in a second thread while this one screens it (no upload runs yet).
+    with open_regular(path) as f, ThreadPoolExecutor(1, thread_name_prefix="hash_csv") as hashing:
         while chunk := f.read(1 << 20):
-            step(chunk)
+            hashed = hashing.submit(step, chunk)
             size += len(chunk)
-            if chunk.isascii():
-                continue
             try:
-                utf8.decode(chunk.translate(None, _ASCII))
+                if not chunk.isascii():
+                    utf8.decode(chunk.translate(None, _ASCII))
             except UnicodeDecodeError:
                 return None
+            finally:
+                hashed.result()
     try:
         utf8.decode(b"", final=True)
     except UnicodeDecodeError:
