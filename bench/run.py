@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -71,6 +72,22 @@ def vm_hwm_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU time (user + system, all threads) a live process has used so far, in seconds; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
+def children_cpu_s() -> float:
+    """CPU time of the children reaped so far (a finished curl's, taken as a difference around its run)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 class PeakRss:
@@ -342,11 +359,13 @@ def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float,
         time.sleep(0.5)
         rss_idle = rss.sample() / 1024
         hidden = place(src, inbox, src.name)
+        cpu0 = cpu_s(proc.pid) or 0.0
         done = inbox / "done" / src.name
         t0 = time.monotonic()
         os.rename(hidden, inbox / src.name)
         wait_until(lambda: done.exists() or proc.poll() is not None, 600, "done/")
         t_done = time.monotonic()
+        cpu = (cpu_s(proc.pid) or float("nan")) - cpu0  # the CPU the daemon spent from the drop to done/
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited {proc.returncode}")
         rss.sample()
@@ -366,13 +385,14 @@ def daemon_once(work: Path, emu: EmulatorProcess, src: Path, settle_s: float,
     upload_s = float(events["upload.finished"]["duration_s"])
     (inbox / "done" / src.name).unlink(missing_ok=True)
     return {"drop_to_done_s": t_done - t0, "check_hash_s": check_s, "upload_s": upload_s, "size_bytes": size,
-            "one_pass": "job.hashed" in events, "net_s": t_done - t0 - settle_s,
+            "one_pass": "job.hashed" in events, "net_s": t_done - t0 - settle_s, "cpu_s": cpu,
             "peak_rss_mib": peak, "idle_rss_mib": rss_idle, "exit_code": proc.returncode}
 
 
 def curl_once(emu: EmulatorProcess, src: Path, limit_b_s: int | None = None) -> dict[str, Any]:
     url = emu.upload_url(src.name)
     limit = [] if limit_b_s is None else ["--limit-rate", str(limit_b_s)]
+    cpu0 = children_cpu_s()
     t0 = time.monotonic()
     proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", *limit,
                              "-T", str(src), url], stdout=subprocess.PIPE, text=True)
@@ -383,7 +403,7 @@ def curl_once(emu: EmulatorProcess, src: Path, limit_b_s: int | None = None) -> 
     code, total = out.split()
     if code != "200":
         raise RuntimeError(f"curl PUT answered {code}")
-    return {"time_s": float(total), "wall_s": wall, "peak_rss_mib": peak}
+    return {"time_s": float(total), "wall_s": wall, "peak_rss_mib": peak, "cpu_s": children_cpu_s() - cpu0}
 
 
 def reference_once(emu: EmulatorProcess, src: Path) -> dict[str, Any]:
@@ -436,6 +456,7 @@ def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str,
         "upload_mib_s_range": [min(size / MiB / r["upload_s"] for r in d), max(size / MiB / r["upload_s"] for r in d)],
         "peak_rss_mib": max(r["peak_rss_mib"] for r in d),
         "idle_rss_mib": max(r["idle_rss_mib"] for r in d),
+        "cpu_s": median([r["cpu_s"] for r in d]),
         "runs": d,
     }
     if runs["curl"]:
@@ -443,7 +464,7 @@ def section_large(args: argparse.Namespace, data: Path, work: Path) -> dict[str,
         speeds = [size / MiB / r["time_s"] for r in c]
         out["curl"] = {"time_s": median([r["time_s"] for r in c]), "mib_s": median(speeds),
                        "mib_s_range": [min(speeds), max(speeds)], "peak_rss_mib": max(r["peak_rss_mib"] for r in c),
-                       "runs": c}
+                       "cpu_s": median([r["cpu_s"] for r in c]), "runs": c}
         # Each daemon upload is paired with the curl run right after it (same load on the machine): the median of
         # those ratios is the figure judged; the ratio of the two medians is shown too.
         pairs = [r["time_s"] / dr["upload_s"] for dr, r in zip(d, c, strict=True)]
@@ -866,11 +887,17 @@ def print_table(res: dict[str, Any]) -> None:
         lo, hi = d["upload_mib_s_range"]
         rows.append(("", "  upload phase (PUT)",
                      f"{d['upload_s']:.2f} s = {d['upload_mib_s']:.0f} MiB/s ({lo:.0f}-{hi:.0f})", ""))
+        if "cpu_s" in d:  # robust to load elsewhere, unlike the times: the cost per byte
+            rows.append(("", "  daemon CPU, drop→done/ (all threads)",
+                         f"{d['cpu_s']:.2f} s = {d['cpu_s'] * 1000 / s1['file_mib']:.2f} ms/MiB", ""))
         if "time_s" in s1.get("curl", {}):
             c = s1["curl"]
             lo, hi = c["mib_s_range"]
             rows.append(("", "curl -T", f"{c['time_s']:.2f} s = {c['mib_s']:.0f} MiB/s ({lo:.0f}-{hi:.0f})",
                          fmt(c["peak_rss_mib"], " MiB", 1)))
+            if "cpu_s" in c:
+                rows.append(("", "  curl CPU", f"{c['cpu_s']:.2f} s = {c['cpu_s'] * 1000 / s1['file_mib']:.2f} ms/MiB",
+                             ""))
             pairs = ", ".join(f"{x:.2f}" for x in s1["upload_vs_curl_pairs"])
             rows.append(("", "  daemon PUT / curl (median of paired runs)", f"{s1['upload_vs_curl']:.2f}x ({pairs})",
                          ""))

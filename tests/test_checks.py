@@ -27,6 +27,7 @@ from retrain_uploader.checks import (
     HINT_RESAVE_UTF8,
     CsvReport,
     InputError,
+    _fast_rows,
     check_csv,
     check_csv_stream,
     check_same_header,
@@ -350,7 +351,9 @@ def outcome(data: bytes, chunk_size: int) -> tuple[str, str, tuple[str, ...], in
 
 
 tokens = st.sampled_from([b"a", b"b1", b",", b"\t", b'"', b'""', b"\n", b"\r\n", b"\r", b" ", "あ".encode(),
-                          "あ".encode("cp932"), b"\x81", b"\xef\xbb\xbf"])
+                          "あ".encode("cp932"), b"\x81", b"\xef\xbb\xbf",
+                          # whole quoted values, so longer files reach the fast path's quoted regions
+                          b'"a,b"', b'"x\ny"', b'"q""r"', b'"\r\n,"'])
 chunks = st.sampled_from([1, 2, 3, 5, 16, 1 << 20])
 
 
@@ -521,6 +524,28 @@ def test_a_bare_cr_inside_a_crlf_row_is_judged_like_the_csv_module() -> None:
     # Found by hypothesis on a fresh clone: the byte-level fast path counted the stray CR as the row's terminator.
     data = b",1\r\n,\r1\n"
     assert outcome(data, 1 << 20) == reference(data) is None
+
+
+@pytest.mark.parametrize(("region", "rows"), [
+    (b'1,"a,b",2\n', 1),  # a delimiter inside quotes
+    (b'1,"a\nb",2\n3,"",4\n', 2),  # a quoted line break, an empty quoted value
+    (b'"1","a""b""",""""\n', 1),  # doubled quotes: adjacent segments, one value
+    (b'1,"a",2\r\n3,"b\r\nc",4\r\n', 2),
+    (b'1,"a,2\n', None),  # a quote never closed
+    (b'1,a"b",2\n', None),  # a quote inside an unquoted value (the csv module takes it as data)
+    (b'1,"a"b,2\n', None),  # text after the closing quote
+    (b'1,"a" ,2\n', None),
+    (b'1,"a,b,2\n3,"c",4\n', None),  # odd quoting: pairing the quotes puts the line break inside a value
+    (b'1,"a,b",2,3\n', None),  # a delimiter too many outside quotes
+])
+def test_the_quoted_fast_path_counts_rows_or_leaves_the_region_to_the_csv_module(region: bytes,
+                                                                                  rows: int | None) -> None:
+    term = b"\r\n" if region.endswith(b"\r\n") else b"\n"
+    assert _fast_rows(region, b",," + term) == rows
+    data = b"h1,h2,h3" + term + region
+    assert outcome(data, 1 << 20) == reference(data)
+    if rows is not None:
+        assert reference(data) == ("utf-8", ",", ("h1", "h2", "h3"), rows)
 
 
 def test_a_tab_separated_file_with_a_comma_in_a_column_name_is_read_as_tsv(write: Callable[..., Path]) -> None:

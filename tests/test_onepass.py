@@ -258,3 +258,58 @@ async def test_a_cp932_csv_whose_second_reading_outlasts_the_put_watchdog_is_sti
     assert job.state is not State.FAILED, job.error
     assert [u.sha256 for u in emulator.uploads] == [hashlib.sha256(content).hexdigest()]
     assert [r.endpoint for r in emulator.requests].count("upload_url") == 1
+
+
+@pytest.mark.parametrize("data", [
+    # Not UTF-8: an E3 cut short by "a", its two continuation bytes after the comma. With the ASCII bytes taken out the
+    # three run together into a valid "あ", so the hash-first screen lets it through; cp932 reads it (a kanji, then
+    # a symbol) and the streamed check must say exactly what the check before an upload says.
+    b"h1,h2\n\xe3a,\x81\x82\n1,2\n",
+    b"h1,h2\n1,\xe3\n\x81\x82,2\n",  # cut by a line break
+])
+def test_a_non_utf8_csv_let_through_by_the_hash_screen_is_still_judged_exactly(tmp_path: Path, data: bytes) -> None:
+    with pytest.raises(UnicodeDecodeError):
+        data.decode()
+    path = tmp_path / "t.csv"
+    path.write_bytes(data)
+    hashed = packager.hash_csv(path)
+
+    assert hashed is not None  # routed to the streamed check (one pass), not refused by the screen
+    assert hashed.sha256 == hashlib.sha256(data).hexdigest()
+    assert hashed.checked is False
+    assert streamed_outcome(data, [7]) == before_outcome(data)
+
+
+@pytest.mark.parametrize("data", [
+    "id,都道府県\n1,東京都\n".encode("cp932"),
+    b"h1,h2\n\x81,1\n",  # a continuation byte alone
+    b"h1,h2\n1,\xe3\x81",  # cut short at the end of the file
+    "h1,h2\n1,東京\n".encode() + b"\xff\n" + b"2,3\n" * 300_000,  # one bad byte, then megabytes of ASCII
+])
+def test_a_csv_that_is_not_utf8_is_routed_to_the_check_before_its_upload(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(data)
+    assert packager.hash_csv(path) is None
+
+
+def test_the_hash_screen_passes_utf8_split_anywhere_across_reads(tmp_path: Path) -> None:
+    # Every offset of a 3-byte character against the 1 MiB reads, and ASCII-only reads in between.
+    head = b"a" * ((1 << 20) - 5)  # "東" starts 1 byte after the first read, then at, 1 and 2 bytes before its end
+    data = b"h1,h2\n" + head + "東,京\n".encode() + b"1,2\n" * 300_000 + "x,都\n".encode()
+    path = tmp_path / "t.csv"
+    for shift in range(4):
+        path.write_bytes(data[shift:] if shift else data)
+        assert packager.hash_csv(path) is not None
+
+
+def test_a_set_cancel_event_stops_the_hash_first_pass(tmp_path: Path) -> None:
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    path = tmp_path / "t.csv"
+    path.write_bytes("id,都道府県\n1,東京都\n".encode() * 1000)
+    with pytest.raises(packager.Cancelled):
+        packager.hash_csv(path, cancel=cancel)
+    cancel.clear()
+    assert packager.hash_csv(path, cancel=cancel) is not None
