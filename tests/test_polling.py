@@ -91,6 +91,26 @@ def test_the_trackers_query_reads_only_an_index_never_every_finished_row(tmp_pat
             assert [step for step in plan if step.startswith("SEARCH jobs USING INDEX")], plan
 
 
+def test_the_full_rounds_rows_are_exactly_the_tracked_jobs_in_every_combination(tmp_path: Path) -> None:
+    # The tracker's full round reads tracked_rows (a few columns), its due checks tracked (whole jobs): one rule.
+    with Ledger(tmp_path / "l.db") as ledger:
+        states = (State.SWITCHED, State.FINISHED, State.RETRAINING, State.UPLOADED, State.FAILED, State.DUPLICATE)
+        for i in range(48):
+            model = ("a", "b")[i % 2]
+            job = ledger.create_job(model=model, kind="csv", name=f"f{i}", sources=[f"f{i}.csv"],
+                                    upload_filename=f"f{i}.csv")
+            result = f"done/f{i}.zip" if (i // 6) % 2 else None
+            ledger.update(job.id, state=states[i % len(states)], retrain_job_id=f"r{i}", result_path=result,
+                          uploaded_at=ledger.now(), closed=True)
+        for download in (True, False):
+            for auto in ([], ["a"], ["a", "b"]):
+                whole = ledger.tracked(download=download, auto_switch_models=auto)
+                rows = ledger.tracked_rows(download=download, auto_switch_models=auto)
+                assert [(j.id, j.model, j.inbox, j.state, j.retrain_job_id, j.result_path, j.uploaded_at)
+                        for j in whole] == [tuple(getattr(r, f) for f in r.__slots__) for r in rows]
+                assert whole, (download, auto)
+
+
 class StatusServer:
     """The Retrain Status Check on a real loopback port: each check answers "retraining" after ``latency_s`` and is
     recorded with its time and how many checks were in flight."""

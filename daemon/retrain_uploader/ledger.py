@@ -33,6 +33,7 @@ __all__ = [
     "LedgerUnreadable",
     "StaleJob",
     "State",
+    "TrackedRow",
     "connect_read_only",
     "connect_writer",
     "held_files",
@@ -97,6 +98,19 @@ _DAMAGED_FIX = (
     " with a new ledger (files already sent may then be sent again)"
 )
 _NOT_A_LEDGER_FIX = "point [ledger] path at a new file (or move this one away); it is not a retrain-uploader ledger"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedRow:
+    """A tracked job as the tracker's full round sees it (:meth:`Ledger.tracked_rows`)."""
+
+    id: int
+    model: str
+    inbox: str | None
+    state: State
+    retrain_job_id: str | None
+    result_path: str | None
+    uploaded_at: str | None
 
 
 def _transient(error: sqlite3.Error) -> bool:
@@ -597,28 +611,14 @@ class Ledger:
         """
         if ids is not None and not ids:
             return []
-        models = list(auto_switch_models)
-        if ids is not None:  # by primary key, then the whole rule
-            sql = (
-                f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(ids))}) AND (state IN (?, ?)"  # noqa: S608
-                f" OR (state = ? AND ((? AND result_path IS NULL) OR model IN ({', '.join('?' * len(models))})))"
-                " OR (state = ? AND ? AND result_path IS NULL)) ORDER BY id"
-            )
-            args: list[Any] = [*ids, State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models]
-            args += [State.SWITCHED, int(download)]
-            return [_job(r) for r in self._db.execute(sql, args)]
-        # One narrow index lookup per way of still being tracked (jobs_state_result, jobs_model_state): finished
-        # and switched jobs whose work is done are never read.
-        parts = ["SELECT * FROM jobs WHERE state IN (?, ?)"]
-        args = [State.UPLOADED, State.RETRAINING]
-        if download:
-            parts.append("SELECT * FROM jobs WHERE state IN (?, ?) AND result_path IS NULL")
-            args += [State.FINISHED, State.SWITCHED]
-        if models:
-            parts.append(f"SELECT * FROM jobs WHERE model IN ({', '.join('?' * len(models))}) AND state = ?")  # noqa: S608
-            args += [*models, State.FINISHED]
-        sql = " UNION ".join(parts) + " ORDER BY id"
+        sql, args = _tracked_query("*", download, list(auto_switch_models), ids)
         return [_job(r) for r in self._db.execute(sql, args)]
+
+    def tracked_rows(self, *, download: bool, auto_switch_models: Collection[str]) -> list[TrackedRow]:
+        """What :meth:`tracked` finds, as the few columns the tracker's full round reads: a whole :class:`Job` per row
+        cost ~18 µs (90 ms on the event loop for 5,000 jobs retraining), these a tenth of it."""
+        sql, args = _tracked_query(_TRACKED_COLUMNS, download, list(auto_switch_models), None)
+        return [TrackedRow(i, m, b, State(s), r, p, u) for i, m, b, s, r, p, u in self._db.execute(sql, args)]
 
     def unfinished(self) -> list[Job]:
         """Jobs the daemon still owes something: a step, or the move of their sources."""
@@ -944,6 +944,34 @@ def _column_value(key: str, value: Any) -> Any:
     if key == "source_ids":
         return None if value is None else json.dumps(value)
     return value
+
+
+_TRACKED_COLUMNS = "id, model, inbox, state, retrain_job_id, result_path, uploaded_at"
+
+
+def _tracked_query(
+    select: str, download: bool, models: list[str], ids: Collection[int] | None
+) -> tuple[str, list[Any]]:
+    """The rule "still tracked" (retraining; finished or switched with a result to fetch; finished with an auto-switch
+    to make), stated once: by primary key for ``ids``, else one narrow index lookup per way of being tracked
+    (jobs_state_result, jobs_model_state), so finished and switched jobs whose work is done are never read."""
+    if ids is not None:
+        sql = (
+            f"SELECT {select} FROM jobs WHERE id IN ({', '.join('?' * len(ids))}) AND (state IN (?, ?)"  # noqa: S608
+            f" OR (state = ? AND ((? AND result_path IS NULL) OR model IN ({', '.join('?' * len(models))})))"
+            " OR (state = ? AND ? AND result_path IS NULL)) ORDER BY id"
+        )
+        args: list[Any] = [*ids, State.UPLOADED, State.RETRAINING, State.FINISHED, int(download), *models]
+        return sql, [*args, State.SWITCHED, int(download)]
+    parts = [f"SELECT {select} FROM jobs WHERE state IN (?, ?)"]  # noqa: S608
+    args = [State.UPLOADED, State.RETRAINING]
+    if download:
+        parts.append(f"SELECT {select} FROM jobs WHERE state IN (?, ?) AND result_path IS NULL")  # noqa: S608
+        args += [State.FINISHED, State.SWITCHED]
+    if models:
+        parts.append(f"SELECT {select} FROM jobs WHERE model IN ({', '.join('?' * len(models))}) AND state = ?")  # noqa: S608
+        args += [*models, State.FINISHED]
+    return " UNION ".join(parts) + " ORDER BY id", args
 
 
 def _job(row: sqlite3.Row) -> Job:

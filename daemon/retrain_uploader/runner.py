@@ -24,7 +24,7 @@ from .bandwidth import UploadWindow
 from .client import ApiError, Client, JobStatus, SourceChanged, TransportError, UploadCut, UploadMeter, UploadTicket
 from .closer import close_job, close_job_off_loop, drop_staged
 from .config import ModelSettings, Settings
-from .ledger import Job, Ledger, State
+from .ledger import Job, Ledger, State, TrackedRow
 from .metrics import Metrics
 from .mover import apply_moves, plan_moves
 from .outcome import Arrived, KeyRefused, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
@@ -75,7 +75,7 @@ def inbox_key(inbox: Path) -> str:
     return str(inbox.resolve())
 
 
-def context_for(models: Mapping[str, ModelContext], job: Job) -> ModelContext | None:
+def context_for(models: Mapping[str, ModelContext], job: Job | TrackedRow) -> ModelContext | None:
     """The model a job belongs to: by name, else the model that now watches the job's inbox (renamed in the
     config: the same inbox is the same remote model)."""
     ctx = models.get(job.model)

@@ -21,7 +21,7 @@ import structlog
 
 from .client import ApiError, Client, JobStatus, ResultTooLarge, TransportError
 from .config import Settings
-from .ledger import Job, Ledger, StaleJob, State
+from .ledger import Job, Ledger, StaleJob, State, TrackedRow
 from .mover import plan_result_name
 from .outcome import FINISHED_STATUS, Gone, interpret, read_answer
 from .policy import Pause, backoff_delay, classify
@@ -200,12 +200,14 @@ class RetrainTracker:
             self._next.pop(gone, None)
             self._failures.pop(gone, None)
 
-    def _tracked(self, ids: list[int] | None) -> list[Job]:
+    def _tracked(self, ids: list[int]) -> list[Job]:
         auto = [name for name, ctx in self.models.items() if ctx.settings.auto_switch]
         return self.ledger.tracked(download=self.settings.status.download_result, auto_switch_models=auto, ids=ids)
 
     def _reschedule(self, now: float) -> None:
-        wanted = [job for job in self._tracked(None) if self._wanted(job)]
+        auto = [name for name, ctx in self.models.items() if ctx.settings.auto_switch]
+        rows = self.ledger.tracked_rows(download=self.settings.status.download_result, auto_switch_models=auto)
+        wanted = [job for job in rows if self._wanted(job)]
         keep = {job.id for job in wanted}
         # Forget schedules of jobs not wanted now (a paused model) or no longer tracked: resuming pokes a full poll.
         self._next = {k: v for k, v in self._next.items() if k in keep}
@@ -233,14 +235,14 @@ class RetrainTracker:
         """The next regular check of ``job``: its age's interval with 10 % jitter, so checks never line up."""
         return self._regular_s(job) * self._random.uniform(1 - _JITTER, 1 + _JITTER)
 
-    def _regular_s(self, job: Job) -> float:
+    def _regular_s(self, job: Job | TrackedRow) -> float:
         status = self.settings.status
         age = 0.0
         if job.uploaded_at is not None:
             age = self._clock() - _timestamp(job.uploaded_at)
         return poll_interval(age, poll_s=status.poll_s, max_poll_s=status.max_poll_s)
 
-    def _wanted(self, job: Job) -> bool:
+    def _wanted(self, job: Job | TrackedRow) -> bool:
         ctx = context_for(self.models, job)
         if ctx is None or ctx.paused_reason is not None or not job.retrain_job_id:
             return False
@@ -250,7 +252,7 @@ class RetrainTracker:
             return self._needs_download(job)
         return True
 
-    def _needs_download(self, job: Job) -> bool:
+    def _needs_download(self, job: Job | TrackedRow) -> bool:
         return self.settings.status.download_result and job.result_path is None
 
     async def _check(self, job: Job) -> None:
