@@ -81,25 +81,29 @@ def prune_ledger(
             jobs, events, batches = jobs + done_jobs, events + done_events, batches + 1
             if pause_s:
                 time.sleep(pause_s)  # the daemon's writes go first
-        pages = _free_pages(db, stopping) if jobs else 0
+        pages = _free_pages(db, stopping, pause_s) if jobs else 0
         return LedgerPrune(jobs=jobs, events=events, batches=batches, pages_freed=pages)
     finally:
         db.close()
 
 
-def _free_pages(db: sqlite3.Connection, stopping: threading.Event | None) -> int:
+def _free_pages(db: sqlite3.Connection, stopping: threading.Event | None, pause_s: float) -> int:
+    """Give the free pages back to the filesystem, ``_VACUUM_STEP_PAGES`` per write transaction, pausing between steps
+    like the prune's batches. Returns the pages actually given back (the freelist's fall, not the steps asked)."""
     if int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) != _INCREMENTAL:
         return 0
-    freed = 0
-    while stopping is None or not stopping.is_set():
-        free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
-        if free == 0:
+    first = free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+    while free and (stopping is None or not stopping.is_set()):
+        # executescript steps the pragma to its end; execute() would step it once and free a single page.
+        db.executescript(f"PRAGMA incremental_vacuum({min(free, _VACUUM_STEP_PAGES)});")
+        now = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        if now >= free:  # nothing given back (a reader holds an old snapshot, say): next pass
             break
-        step = min(free, _VACUUM_STEP_PAGES)
-        db.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
-        freed += step
+        free = now
+        if free and pause_s:
+            time.sleep(pause_s)  # the daemon's writes go first
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the file shrinks once the WAL is copied back
-    return freed
+    return first - free
 
 
 def make_incremental(path: Path) -> tuple[int, int] | None:
