@@ -135,3 +135,66 @@ def test_something_else_at_the_ledger_path_is_one_clear_line_and_exit_4(tmp_path
     listing = _run(["jobs"], config)
     assert listing.returncode == 1 and "Traceback" not in listing.stderr
     assert "update it" not in listing.stderr
+
+
+def _damage_an_index_leaf(path: Path, index: str = "jobs_created") -> None:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        page = db.execute(
+            "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY path DESC LIMIT 1", (index,)
+        ).fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        db.close()
+    with open(path, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(b"\xff" * 64)
+
+
+async def test_damage_past_the_check_at_start_is_found_after_it_and_stops_the_daemon_with_exit_4(
+    make_settings: Callable[..., Any],
+) -> None:
+    # Found by review: on a big ledger the check at start stops after CHECK_BUDGET_S; a damaged page beyond it was
+    # met by every take (a traceback each, nothing taken, the daemon "healthy") and never said as damage.
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from retrain_uploader.service import Service
+
+    settings = make_settings()
+    _ledger_with_jobs(settings.ledger.path, 2000)
+    _damage_an_index_leaf(settings.ledger.path)
+    service = Service(settings, handle_signals=False, check_budget_s=0.0)  # cut short at once, as on a big ledger
+    with capture_logs() as logs:
+        status = await asyncio.wait_for(service.run(), timeout=20)
+    events = [entry["event"] for entry in logs]
+    assert status == EXIT_LEDGER
+    assert events.index("ledger.check_cut_short") < events.index("service.started") < events.index("ledger.damaged")
+    [damaged] = [entry for entry in logs if entry["event"] == "ledger.damaged"]
+    assert "damaged" in damaged["error"] and str(settings.ledger.path) in damaged["error"]
+    assert "restore a backup" in damaged["error"]
+
+
+async def test_a_sound_ledger_checked_after_the_start_says_so_and_the_daemon_goes_on(
+    make_settings: Callable[..., Any],
+) -> None:
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from retrain_uploader.service import Service
+
+    settings = make_settings()
+    _ledger_with_jobs(settings.ledger.path, 2000)
+    service = Service(settings, handle_signals=False, check_budget_s=0.0)
+    with capture_logs() as logs:
+        task = asyncio.create_task(service.run())
+        for _ in range(200):
+            if any(entry["event"] == "ledger.checked" for entry in logs) or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done()
+        service.request_stop()
+        assert await asyncio.wait_for(task, timeout=15) == 0
+    assert "ledger.damaged" not in [entry["event"] for entry in logs]

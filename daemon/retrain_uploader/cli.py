@@ -18,14 +18,14 @@ from . import __version__
 from .config import ConfigError, Settings, default_config_path, loose_permissions
 from .history import DEFAULT_LISTING, job_document, job_story, job_table, parse_since
 from .journal import stderr_is_journal
-from .ledger import Ledger, LedgerDamaged, LedgerLocked, LedgerUnreadable, State, iso, lock_held
+from .ledger import DAMAGED_EXIT_STATUS, Ledger, LedgerDamaged, LedgerLocked, LedgerUnreadable, State, iso, lock_held
 from .logs import configure, escape_surrogates, run_main
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # `run` on a damaged, truncated or newer-schema ledger: a restart cannot fix it (RestartPreventExitStatus= lists it).
-EXIT_LEDGER = 4
+EXIT_LEDGER = DAMAGED_EXIT_STATUS
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from typing import Any
 __all__ = [
     "AFTER_UPLOAD",
     "CHECK_BUDGET_S",
+    "DAMAGED_EXIT_STATUS",
     "PRUNABLE",
     "SCHEMA_VERSION",
     "Job",
@@ -34,6 +35,7 @@ __all__ = [
     "StaleJob",
     "State",
     "TrackedRow",
+    "check_whole",
     "connect_read_only",
     "connect_writer",
     "held_files",
@@ -83,6 +85,9 @@ class LedgerLocked(RuntimeError):
 
 class LedgerUnreadable(RuntimeError):
     """The ledger cannot be read (read-only open): missing, unreadable, or of another schema version."""
+
+
+DAMAGED_EXIT_STATUS = 4  # `run`'s exit status for a damaged ledger: the systemd unit does not restart it
 
 
 class LedgerDamaged(LedgerUnreadable):
@@ -856,6 +861,26 @@ def connect_writer(path: Path) -> sqlite3.Connection:
 def iso(at: float) -> str:
     """A POSIX time in the ledger's form (the form of every ``*_at`` column), for comparing with them."""
     return _now_iso(lambda: at)
+
+
+def check_whole(path: Path) -> str | None:
+    """The whole ``PRAGMA quick_check`` that the daemon's start cut short (:attr:`Ledger.checked_fully`), on a read-only
+    connection of its own while the daemon works. Blocking: run it in a thread (SQLite lets go of the GIL meanwhile).
+
+    None when nothing is damaged (or it could not look: a busy ledger is not a damaged one), else what is damaged and
+    what to do, as at start.
+    """
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=10.0)
+        try:
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        return f"{path}: the ledger is damaged ({e}); {_DAMAGED_FIX}" if is_corruption(e) else None
+    if problems != ["ok"]:
+        return f"{path}: the ledger is damaged (PRAGMA quick_check: {'; '.join(problems)}); {_DAMAGED_FIX}"
+    return None
 
 
 def lock_held(ledger_path: Path) -> bool:

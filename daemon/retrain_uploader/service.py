@@ -25,7 +25,7 @@ from .admin import PROBE_JOB_ID, window_text
 from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
-from .ledger import CHECK_BUDGET_S, Job, Ledger, State
+from .ledger import CHECK_BUDGET_S, DAMAGED_EXIT_STATUS, Job, Ledger, State, check_whole
 from .metrics import Metrics, MetricsServer, Snapshot
 from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
@@ -56,8 +56,10 @@ class Service:
         rng: random.Random | None = None,
         now: Callable[[], datetime] | None = None,
         window_recheck_s: float = 60.0,
+        check_budget_s: float = CHECK_BUDGET_S,
     ) -> None:
         self.settings = settings
+        self._check_budget_s = check_budget_s  # the integrity check at start, at most this long (the rest after)
         self._now = now or (lambda: datetime.now(UTC))  # the wall clock the upload timetable is read with
         self._window_recheck_s = window_recheck_s
         self._window_waiting: set[int] = set()  # jobs that wait for the upload window to open
@@ -81,6 +83,7 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._busy = 0
+        self._damaged = False  # the ledger was found damaged at run time: stop, exit DAMAGED_EXIT_STATUS
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.ledger: Ledger
@@ -92,9 +95,9 @@ class Service:
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     async def run(self) -> int:
         network = Network.from_settings(self.settings.api)  # the proxy password and CA bundle, read now
-        self.ledger = Ledger(self.settings.ledger.path, lock=True)
-        if not self.ledger.checked_fully:  # said once: the rest is checked by the queries that read it
-            log.info("ledger.check_cut_short", ledger=str(self.settings.ledger.path), budget_s=CHECK_BUDGET_S)
+        self.ledger = Ledger(self.settings.ledger.path, lock=True, check_budget_s=self._check_budget_s)
+        if not self.ledger.checked_fully:  # the rest is checked in a thread once the daemon works (_check_ledger)
+            log.info("ledger.check_cut_short", ledger=str(self.settings.ledger.path), budget_s=self._check_budget_s)
         self.window = UploadWindow(
             self.settings.upload.timetable(),
             TokenBucket(),
@@ -159,6 +162,8 @@ class Service:
             self._spawn(self.window.run(self.stop_event), "upload-window")
             self._spawn(self.tracker.run(self.stop_event), "retrain-tracker")
             self._spawn(self.retention.run(self.stop_event), "retention")
+            if not self.ledger.checked_fully:
+                self._spawn(self._check_ledger(), "ledger-check")
             self.ready.set()
             self._notifier.send("READY=1", f"STATUS={self.summary()}")
             log.info(
@@ -180,7 +185,25 @@ class Service:
             self.ledger.close()
             self._notifier.close()
         log.info("service.stopped")
-        return 0
+        return DAMAGED_EXIT_STATUS if self._damaged else 0
+
+    async def _check_ledger(self) -> None:
+        """The integrity check the start cut short, finished in a thread while the daemon works."""
+        started = time.monotonic()
+        damage = await asyncio.to_thread(check_whole, self.settings.ledger.path)
+        if damage is not None:
+            self.ledger_damaged(damage)
+            return
+        log.info("ledger.checked", ledger=str(self.settings.ledger.path), took_s=round(time.monotonic() - started, 3))
+
+    def ledger_damaged(self, error: str | BaseException) -> None:
+        """Damage met at run time (the check above, or a write that read a damaged page): said once, like at start,
+        and the daemon stops with the status the systemd unit does not restart."""
+        if self._damaged:
+            return
+        self._damaged = True
+        log.error("ledger.damaged", error=str(error), action="stopping; restarting will not help")
+        self.request_stop()
 
     def request_stop(self) -> None:
         if not self.stop_event.is_set():
