@@ -106,7 +106,7 @@ def _free_pages(db: sqlite3.Connection, stopping: threading.Event | None, pause_
     return first - free
 
 
-def make_incremental(path: Path) -> tuple[int, int] | None:
+def make_incremental(path: Path, before_vacuum: Callable[[], object] | None = None) -> tuple[int, int] | None:
     """Switch a ledger made without ``auto_vacuum = INCREMENTAL`` to it: one ``VACUUM``, which rewrites the whole file
     (it needs free space of about its size, and nothing else may write meanwhile: run it before the daemon takes work).
     Returns the file's size before and after, or None when it was incremental already."""
@@ -115,6 +115,8 @@ def make_incremental(path: Path) -> tuple[int, int] | None:
         if int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) == _INCREMENTAL:
             return None
         before = _size(path)
+        if before_vacuum is not None:
+            before_vacuum()
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("VACUUM")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -203,14 +205,17 @@ class Retention:
         self._stopping = threading.Event()
         self._skipped: set[str] = set()  # done/ folders already reported as not looked into
 
-    async def prepare(self) -> None:
-        """At start, before the daemon writes: the one ``VACUUM`` an older ledger needs once ``keep_days`` is set."""
+    async def prepare(self, before_vacuum: Callable[[], object] | None = None) -> None:
+        """At start, before the daemon writes: the one ``VACUUM`` an older ledger needs once ``keep_days`` is set.
+
+        ``before_vacuum`` is called (from a thread) just before a VACUUM starts: under systemd, to extend the start
+        timeout, since a VACUUM of a large ledger can take minutes."""
         settings = self._settings()
         if settings.ledger.keep_days is None:
             return
         started = time.monotonic()
         try:
-            sizes = await asyncio.to_thread(make_incremental, settings.ledger.path)
+            sizes = await asyncio.to_thread(make_incremental, settings.ledger.path, before_vacuum)
         except sqlite3.Error as e:
             log.warning("ledger.vacuum_failed", error=str(e), action="pruning goes on; space is reused, not returned")
             return

@@ -39,6 +39,8 @@ from .watchhub import WatchHub
 
 __all__ = ["Service"]
 
+_VACUUM_START_TIMEOUT_S = 3600  # how long systemd waits for the start while the one-off VACUUM runs
+
 log = structlog.get_logger("retrain_uploader.service")
 
 
@@ -137,7 +139,11 @@ class Service:
         workers: list[asyncio.Task[None]] = []
         exporter: MetricsServer | None = None
         try:
-            await self.retention.prepare()  # a one-off VACUUM, before anything else writes
+            # A one-off VACUUM, before anything else writes: systemd is told to wait (it rewrites the whole file).
+            await self.retention.prepare(
+                lambda: self._notifier.send(f"EXTEND_TIMEOUT_USEC={_VACUUM_START_TIMEOUT_S * 1_000_000}",
+                                            "STATUS=compacting the ledger once (keep_days): VACUUM")
+            )
             if self.settings.metrics.enabled:
                 exporter = MetricsServer(
                     self.metrics,
