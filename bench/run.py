@@ -556,7 +556,7 @@ def count_commits(ledger: Any) -> list[int]:
         if sql == "COMMIT":
             counter[0] += 1
 
-    ledger._db.set_trace_callback(trace)  # noqa: SLF001 -- the bench looks inside on purpose
+    ledger._db.set_trace_callback(trace)
     return counter
 
 
