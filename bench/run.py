@@ -592,8 +592,8 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
             finally:
                 await stop_service(service, task)
         if profiler is not None:
-            profiler.dump_stats(args.profile)
-            pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
+            profiler.dump_stats(str(args.profile))
+            pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(25)
         states = check_ledger(raw, n)
         requests = [r for r in emu.requests() if r["endpoint"] != "other"]
     per: dict[str, int] = defaultdict(int)
