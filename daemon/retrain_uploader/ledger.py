@@ -406,7 +406,18 @@ class Ledger:
                 self._db.execute(f"PRAGMA user_version = {version + 1}")
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for every write made inside: one commit (one fsync) instead of one per call, and all of
+        them or none on disk after a crash. Only for steps that do nothing outside the ledger in between (no request,
+        no rename): a commit that must precede such an effect is made before ``batch`` or after it."""
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[None]:
+        if self._db.in_transaction:  # inside batch(): its commit is this write's
+            yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield

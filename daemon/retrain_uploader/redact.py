@@ -11,10 +11,9 @@ import json
 import re
 import threading
 import urllib.parse
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
-__all__ = ["REDACTED", "redact_url", "register_secret", "scrub", "structlog_processor"]
+__all__ = ["REDACTED", "redact_url", "register_secret", "scrub"]
 
 REDACTED = "<redacted>"
 
@@ -56,14 +55,17 @@ _PARAM = re.compile(
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:\"'<>\\]+:)[^\s/?#@\"'<>\\]+@")
 
 _secrets: set[str] = set()
+_ordered: tuple[str, ...] = ()  # _secrets, longest first: replaced in one assignment, read without the lock
 _lock = threading.Lock()
 
 
 def register_secret(secret: str) -> None:
     """Remember a value (an API key) that must never be written anywhere, in any of its usual encodings."""
+    global _ordered  # one module-wide registry, swapped whole so readers need no lock
     if len(secret) >= 4:
         with _lock:
             _secrets.update(_spellings(secret))
+            _ordered = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def _spellings(secret: str) -> set[str]:
@@ -86,20 +88,11 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
     text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
     text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
     text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
-    with _lock:
-        secrets = set(_secrets)
-    for secret in extra:
-        if secret:
-            secrets |= _spellings(secret)
-    for secret in sorted(secrets, key=len, reverse=True):
-        if secret and secret in text:
+    secrets = _ordered
+    extras = {s for secret in extra if secret for s in _spellings(secret)}
+    if extras:
+        secrets = tuple(sorted(extras.union(secrets), key=len, reverse=True))
+    for secret in secrets:
+        if secret in text:
             text = text.replace(secret, REDACTED)
     return text
-
-
-def structlog_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A structlog processor applying :func:`scrub` to every string value (and exception text)."""
-    for key, value in list(event_dict.items()):
-        if isinstance(value, str):
-            event_dict[key] = scrub(value)
-    return event_dict

@@ -171,14 +171,24 @@ class SettleTracker:
         self._seen.pop(name, None)
 
 
-def scan(inbox: Path) -> tuple[dict[str, Signature], list[Reject]]:
-    """``lstat`` the inbox's top level: regular files with their signatures, and entries that cannot be taken."""
+def scan(
+    inbox: Path, taken: Callable[[str], bool] | None = None, held: set[str] | None = None
+) -> tuple[dict[str, Signature], list[Reject]]:
+    """``lstat`` the inbox's top level: regular files with their signatures, and entries that cannot be taken.
+
+    Names for which ``taken`` is true belong to a job already: they are not ``lstat``-ed (each job's close wakes a
+    scan of an inbox that may hold thousands of them) but added to ``held``.
+    """
     files: dict[str, Signature] = {}
     rejects: list[Reject] = []
     with os.scandir(inbox) as it:
         for entry in it:
             name = entry.name
             if is_ignored(name) or name in OWN_FOLDERS:
+                continue
+            if taken is not None and taken(name):
+                if held is not None:
+                    held.add(name)
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -288,7 +298,8 @@ class InboxWatcher:
         if self._active_hub is not None:
             self._active_hub.check(self.inbox_path)
         try:
-            files, rejects = scan(self.inbox)
+            held: set[str] = set()
+            files, rejects = scan(self.inbox, self._is_taken, held)
         except OSError as e:
             if not self._scan_failed:
                 log.error("inbox.unreadable", model=self.model, inbox=str(self.inbox), error=str(e))
@@ -298,7 +309,7 @@ class InboxWatcher:
         free = {name: sig for name, sig in files.items() if not self._is_taken(name)}
         settled = self._tracker.observe(free, self._clock())
         result = plan(settled)
-        present = files.keys() | {r.name for r in rejects}
+        present = files.keys() | {r.name for r in rejects} | held
         self._rejected = {name: sig for name, sig in self._rejected.items() if name in present}
         for reject in (*rejects, *result.rejects):
             identity = reject.signature or files.get(reject.name)
