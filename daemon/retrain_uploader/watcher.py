@@ -171,6 +171,10 @@ class SettleTracker:
         self._seen.pop(name, None)
 
 
+# Candidates handed over between two yields to the loop: the service records them in one commit.
+_BURST = 32
+
+
 def scan(
     inbox: Path, taken: Callable[[str], bool] | None = None, held: set[str] | None = None
 ) -> tuple[dict[str, Signature], list[Reject]]:
@@ -322,17 +326,21 @@ class InboxWatcher:
                 self._warned_halves.add(half)
                 log.warning("inbox.waiting_for_partner", model=self.model, file=half)
         self._warned_halves &= set(result.halves)
-        for candidate in result.candidates:
+        for i, candidate in enumerate(result.candidates, 1):
             for name in candidate.sources:
                 self._tracker.forget(name)
-            await self._hand_over(self._on_candidate, candidate, candidate.upload_filename)
+            await self._hand_over(self._on_candidate, candidate, candidate.upload_filename, pause=i % _BURST == 0)
 
-    async def _hand_over(self, handler: Callable[[_T], Awaitable[None]], item: _T, file: str) -> None:
+    async def _hand_over(
+        self, handler: Callable[[_T], Awaitable[None]], item: _T, file: str, *, pause: bool = True
+    ) -> None:
         # A failure to record one file (disk full under the ledger, say) must not end the watch: the file stays in
         # the inbox, settles again and is offered again.
         try:
             await handler(item)
         except Exception:
             log.exception("inbox.take_failed", model=self.model, file=file)
-        # Each take commits to the ledger: let workers start on the first files of a burst of a thousand.
-        await asyncio.sleep(0)
+        if pause:
+            # Let the loop run between takes of a burst of a thousand: the service records each run of takes in one
+            # commit and its workers start on the first files.
+            await asyncio.sleep(0)
