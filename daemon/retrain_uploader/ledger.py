@@ -580,11 +580,14 @@ class Ledger:
             sql += " AND state = ?"
             args.append(expect_state)
         with self._tx():
-            if self._db.execute(sql, args).rowcount == 0 and expect_state is not None:
-                raise StaleJob(f"job {job_id} is no longer {expect_state}")
+            rows = self._db.execute(sql + " RETURNING *", args).fetchall()  # the row as changed: no second read
+            if not rows:
+                if expect_state is not None:
+                    raise StaleJob(f"job {job_id} is no longer {expect_state}")
+                raise KeyError(job_id)
             if event is not None:
                 self._event(job_id, event, detail if detail is not None else _event_detail(fields))
-        return self.get(job_id)
+        return _job(rows[0])
 
     def claim_content(
         self, job_id: int, model: str, content_sha256: str, *, inbox: str | None = None

@@ -51,6 +51,9 @@ _PARAM = re.compile(
     re.IGNORECASE,
 )
 
+# Every pattern above and below needs one of these: a line without any (most log lines) skips them all.
+_MAYBE = re.compile(r"sig|credential|token|access|key|secret|password|http|://", re.IGNORECASE)
+
 # A URL's user information (`http://user:password@proxy:3128`): the password goes, the user stays.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:\"'<>\\]+:)[^\s/?#@\"'<>\\]+@")
 
@@ -84,10 +87,11 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
 
     Applied to a rendered JSON line it keeps the line valid JSON: no replacement starts or ends inside an escape.
     """
-    text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
-    text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
-    text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
-    text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
+    if _MAYBE.search(text):
+        text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
+        text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
+        text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
+        text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
     secrets = _ordered
     extras = {s for secret in extra if secret for s in _spellings(secret)}
     if extras:

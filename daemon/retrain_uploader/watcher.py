@@ -188,11 +188,11 @@ def scan(
     with os.scandir(inbox) as it:
         for entry in it:
             name = entry.name
-            if is_ignored(name) or name in OWN_FOLDERS:
-                continue
-            if taken is not None and taken(name):
+            if taken is not None and taken(name):  # first: cheaper than is_ignored, and most names of a backlog
                 if held is not None:
                     held.add(name)
+                continue
+            if is_ignored(name) or name in OWN_FOLDERS:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
