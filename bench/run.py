@@ -578,14 +578,14 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
             profiler = cProfile.Profile(time.process_time) if args.profile else None
             try:
                 t0 = time.monotonic()
-                cpu0 = time.process_time()
+                cpu0, times0 = time.process_time(), os.times()
                 if profiler is not None:
                     profiler.enable()
                 for name in names:
                     os.rename(incoming / name, inbox / name)
                 t_dropped = time.monotonic()
                 t_end = await rec.wait_count("job.closed", n, timeout=max(120.0, n * 0.2))
-                cpu = time.process_time() - cpu0
+                cpu, times1 = time.process_time() - cpu0, os.times()
                 if profiler is not None:
                     profiler.disable()
                 first_url = rec.events["upload.url_received"][0][0]
@@ -609,6 +609,8 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
             "requests_per_file_worker_path": per_file, "requests_per_file_total": len(requests) / n,
             "first_request_after_s": first_url - t0, "states": states, "step_median_ms": steps,
             "cpu_ms_per_file": 1000 * cpu / n, "commits_per_job": commits[0] / n,
+            "cpu_user_ms_per_file": 1000 * (times1.user - times0.user) / n,
+            "cpu_system_ms_per_file": 1000 * (times1.system - times0.system) / n,
             "note": "status counts the baseline (1/job, worker path) + the tracker's first check after each upload "
                     "(1/job, outside the workers); poll_s=3600 so no periodic polling"}
 
@@ -925,7 +927,8 @@ def print_table(res: dict[str, Any]) -> None:
         rows.append(("3 small files", f"{s3['files']} files, {s3['workers']} workers, 50 ms/API answer",
                      f"{s3['drain_s']:.2f} s vs ideal {s3['ideal_s']:.2f} s = {s3['ratio']:.2f}x", ""))
         rows.append(("", "daemon CPU per file / ledger commits per job",
-                     f"{s3['cpu_ms_per_file']:.2f} ms / {s3['commits_per_job']:.1f}", ""))
+                     f"{s3['cpu_ms_per_file']:.2f} ms (user {s3['cpu_user_ms_per_file']:.2f}, system "
+                     f"{s3['cpu_system_ms_per_file']:.2f}) / {s3['commits_per_job']:.1f}", ""))
         rows.append(("", "requests/file (worker path / all)",
                      f"{s3['requests_per_file_worker_path']:.2f} / {s3['requests_per_file_total']:.2f}", ""))
         st = s3["step_median_ms"]
