@@ -259,7 +259,8 @@ class Runner:
         started = self._monotonic()
         # What is checked here is what will be moved out of the inbox when the job closes, and nothing else.
         before = source_identities(model.inbox, job.sources)
-        small = _total_size(before) <= _INLINE_BYTES
+        # A zip is never small: its few KB may hold what takes seconds to inflate and check.
+        small = job.kind != "zip" and _total_size(before) <= _INLINE_BYTES
         # A queued job's move to `packaging` is committed with the packaging's result (one commit, not two) when the
         # check is quick; a large one shows `packaging` while it is checked. Either way a kill -9 finds the job
         # queued or packaging, and both are packaged again from the start; any other end of this step commits it.
