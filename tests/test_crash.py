@@ -239,6 +239,81 @@ async def test_kill_9_after_the_put_arrived_but_before_it_was_recorded(
     assert [r.endpoint for r in emulator.requests].count("put") == 1
 
 
+@pytest.mark.slow
+async def test_kill_9_after_the_file_was_packaged_and_claimed_in_one_commit(
+    tmp_path: Path, emulator: Emulator, daemons
+) -> None:
+    """Packaging's result and the claim are one commit (with `packaging`, three before): killed just after it, with the
+    URL request in flight, the job is found `requesting` with its package recorded; the restart asks for a URL
+    without packaging again, and the file is sent once."""
+    emulator.inject("upload_url", "hang")
+    s = Setup(tmp_path, emulator.base_url)
+    s.drop("a.csv", table(3))
+    d = await daemons(s.config).start()
+
+    def claimed() -> dict[str, Any] | None:
+        jobs = s.ledger.jobs()
+        ok = jobs and jobs[0]["state"] == "requesting" and in_flight(emulator, "upload_url")
+        return jobs[0] if ok else None
+
+    first = await wait_for(claimed, 15, "the job claimed, its URL request in flight")
+    await d.kill()
+    assert first["sha256"] == s.dropped["a.csv"] and first["content_sha256"] and first["source_ids"]
+    assert [e["event"] for e in s.ledger.events(first["id"])] == ["created", "state", "packaged", "state"]
+
+    await d.start()
+    [job] = await s.ledger.all_closed(1)
+    s.check_final(emulator, d, uploads=1)
+    assert len(s.ledger.events(job["id"], "packaged")) == 1  # not packaged again after the restart
+    assert not d.logged("job.packaged"), d.tail()
+
+
+@pytest.mark.slow
+async def test_kill_9_after_the_upload_and_its_move_plan_were_one_commit(
+    tmp_path: Path, emulator: Emulator, daemons, small_disk: Path
+) -> None:
+    """The upload, the model's last success and the plan of the moves to done/ are one commit (three before). Killed
+    after it while the move cannot be made (done/ is on a full disk), the restart closes the job with the recorded
+    plan: the file reaches done/ under the planned name, nothing is sent again."""
+    archive = small_disk / "done"
+    archive.mkdir()
+    s = Setup(tmp_path, emulator.base_url)
+    (s.inbox / "done").symlink_to(archive)
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # fill the disk to the last byte: the copy into done/ (another filesystem) fails
+        for size in (65536, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    s.drop("a.csv", table(4))
+    d = await daemons(s.config).start()
+
+    def uploaded_not_closed() -> dict[str, Any] | None:
+        jobs = s.ledger.jobs()
+        ok = jobs and jobs[0]["state"] in SENT and not jobs[0]["closed"] and d.logged("job.close_failed")
+        return jobs[0] if ok else None
+
+    first = await wait_for(uploaded_not_closed, 15, "the upload recorded, its move failing")
+    await d.kill()
+    assert first["moved_to"] == ["done/a.csv"]
+    [uploaded] = s.ledger.events(first["id"], "uploaded")
+    models = s.ledger._rows("SELECT last_success_at FROM models WHERE name = 'alpha'")
+    assert models and models[0]["last_success_at"] == uploaded["at"]  # recorded in the same commit
+    assert (s.inbox / "a.csv").exists()
+
+    filler.unlink()
+    await d.start()
+    [job] = await s.ledger.all_closed(1)
+    s.check_final(emulator, d, uploads=1)
+    assert job["moved_to"] == first["moved_to"]
+    assert [r.endpoint for r in emulator.requests].count("put") == 1
+
+
 # -- 2. one daemon per ledger -------------------------------------------------------------------------------------
 
 

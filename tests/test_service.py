@@ -298,3 +298,60 @@ async def test_a_file_deleted_after_its_check_fails_cleanly(start_daemon, emulat
     assert emulator.uploads == []
     report = json.loads((d.inbox() / "failed" / "gone.error.json").read_text())
     assert report["missing"] == ["gone.csv"]
+
+
+async def test_a_burst_of_drops_is_recorded_in_a_few_commits(start_daemon, emulator: Emulator) -> None:
+    """A backlog found by one scan is recorded a run of takes at a time (one commit per 32), not one commit per file:
+    each commit is an fsync on the event loop."""
+    d = await start_daemon(pool={"workers": 1})
+    inbox = d.inbox()
+    transactions: list[list[str]] = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("BEGIN"):
+            transactions.append([])
+        elif transactions:
+            transactions[-1].append(sql)
+
+    d.service.ledger._db.set_trace_callback(trace)  # the daemon's one connection (looked inside on purpose)
+    try:
+        staged = inbox.parent / "staged"
+        staged.mkdir()
+        for i in range(64):
+            (staged / f"f{i:02}.csv").write_text(f"id,x\n{i},1\n")
+        for i in range(64):
+            os.rename(staged / f"f{i:02}.csv", inbox / f"f{i:02}.csv")
+        await wait_for(lambda: len(d.jobs()) == 64, 15, "64 jobs recorded")
+    finally:
+        d.service.ledger._db.set_trace_callback(None)
+    creating = [t for t in transactions if any(s.startswith("INSERT INTO jobs") for s in t)]
+    assert 2 <= len(creating) <= 6, len(creating)  # 64 before: one commit per file
+    await d.closed_jobs(64, timeout=30)
+
+
+async def test_a_burst_the_ledger_cannot_record_is_offered_again(
+    start_daemon, make_settings, emulator: Emulator, small_disk: Path
+) -> None:
+    """The ledger's disk full while a take is recorded: nothing is recorded, the file stays in the inbox and is taken
+    again once there is room (one job, sent once)."""
+    d = await start_daemon(make_settings(ledger={"path": str(small_disk / "ledger.sqlite3")}))
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # fill the disk to the last byte
+        for size in (65536, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    with capture_logs() as logs:
+        drop(d.inbox(), "a.csv", "id,x\n1,2\n")
+        await wait_for(lambda: any(e["event"] == "inbox.take_failed" for e in logs), 10, "the take failing")
+        assert d.jobs() == [] and (d.inbox() / "a.csv").exists()
+        filler.unlink()
+        [job] = await d.closed_jobs(1, timeout=20)
+    assert job.state in AFTER_UPLOAD
+    assert len(emulator.uploads) == 1
+    assert [e["file"] for e in logs if e["event"] == "inbox.take_failed"][:1] == ["a.csv"]

@@ -489,7 +489,18 @@ class Ledger:
                 self._db.execute(f"PRAGMA user_version = {version + 1}")
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for every write made inside: one commit (one fsync) instead of one per call, and all of
+        them or none on disk after a crash. Only for steps that do nothing outside the ledger in between (no request,
+        no rename): a commit that must precede such an effect is made before ``batch`` or after it."""
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[None]:
+        if self._db.in_transaction:  # inside batch(): its commit is this write's
+            yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -656,11 +667,14 @@ class Ledger:
             sql += " AND state = ?"
             args.append(expect_state)
         with self._tx():
-            if self._db.execute(sql, args).rowcount == 0 and expect_state is not None:
-                raise StaleJob(f"job {job_id} is no longer {expect_state}")
+            rows = self._db.execute(sql + " RETURNING *", args).fetchall()  # the row as changed: no second read
+            if not rows:
+                if expect_state is not None:
+                    raise StaleJob(f"job {job_id} is no longer {expect_state}")
+                raise KeyError(job_id)
             if event is not None:
                 self._event(job_id, event, detail if detail is not None else _event_detail(fields))
-        return self.get(job_id)
+        return _job(rows[0])
 
     def claim_content(
         self, job_id: int, model: str, content_sha256: str, *, inbox: str | None = None

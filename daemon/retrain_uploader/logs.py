@@ -30,7 +30,7 @@ from typing import Any, TextIO, TypeVar
 import structlog
 
 from .journal import JournalSender, journal_fields, stderr_is_journal
-from .redact import scrub, structlog_processor
+from .redact import scrub
 
 __all__ = ["configure", "escape_surrogates", "run_main"]
 
@@ -168,8 +168,9 @@ def configure(
         _add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # Exceptions are rendered to text before the scrubber, in both forms: a URL in an exception message is a secret.
-    last: list[Any] = [structlog.processors.format_exc_info, structlog_processor, renderer]
+    # Exceptions are rendered to text in the line, in both forms: the sink scrubs the whole rendered line (every
+    # value, nested ones and exception text included) once, so no processor scrubs each value before.
+    last: list[Any] = [structlog.processors.format_exc_info, renderer]
     sink = _Sink(stream, _ReopeningFile(file) if file is not None else None, journal)
     structlog.configure(
         processors=shared + last,

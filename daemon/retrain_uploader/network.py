@@ -69,6 +69,11 @@ class Network:
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     ca_file: str | None = None
     use_environment: bool = True
+    # Each destination's route, found once: reading the environment's proxies walks all of os.environ, and every
+    # request asks (a new Network, as a reload makes, starts empty).
+    _routes: dict[tuple[str, str | None, int | None], Route] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_settings(cls, api: ApiSettings) -> Network:
@@ -93,6 +98,15 @@ class Network:
         return cls(proxy, auth, context, ca_file, use_environment=api.proxy is None)
 
     def route(self, url: URL) -> Route:
+        key = (url.scheme, url.host, url.port)
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= 64:  # a few hosts in practice (the API, the storage): bounded all the same
+                self._routes.clear()
+            route = self._routes[key] = self._find_route(url)
+        return route
+
+    def _find_route(self, url: URL) -> Route:
         if self.proxy is not None:
             return Route(self.proxy, self.auth, "[api] proxy")
         if not self.use_environment or not url.host:

@@ -11,10 +11,9 @@ import json
 import re
 import threading
 import urllib.parse
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
-__all__ = ["REDACTED", "redact_url", "register_secret", "scrub", "structlog_processor"]
+__all__ = ["REDACTED", "redact_url", "register_secret", "scrub"]
 
 REDACTED = "<redacted>"
 
@@ -52,18 +51,24 @@ _PARAM = re.compile(
     re.IGNORECASE,
 )
 
+# Every pattern above and below needs one of these: a line without any (most log lines) skips them all.
+_MAYBE = re.compile(r"sig|credential|token|access|key|secret|password|http|://", re.IGNORECASE)
+
 # A URL's user information (`http://user:password@proxy:3128`): the password goes, the user stays.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:\"'<>\\]+:)[^\s/?#@\"'<>\\]+@")
 
 _secrets: set[str] = set()
+_ordered: tuple[str, ...] = ()  # _secrets, longest first: replaced in one assignment, read without the lock
 _lock = threading.Lock()
 
 
 def register_secret(secret: str) -> None:
     """Remember a value (an API key) that must never be written anywhere, in any of its usual encodings."""
+    global _ordered  # one module-wide registry, swapped whole so readers need no lock
     if len(secret) >= 4:
         with _lock:
             _secrets.update(_spellings(secret))
+            _ordered = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def _spellings(secret: str) -> set[str]:
@@ -82,24 +87,16 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
 
     Applied to a rendered JSON line it keeps the line valid JSON: no replacement starts or ends inside an escape.
     """
-    text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
-    text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
-    text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
-    text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
-    with _lock:
-        secrets = set(_secrets)
-    for secret in extra:
-        if secret:
-            secrets |= _spellings(secret)
-    for secret in sorted(secrets, key=len, reverse=True):
-        if secret and secret in text:
+    if _MAYBE.search(text):
+        text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
+        text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
+        text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
+        text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
+    secrets = _ordered
+    extras = {s for secret in extra if secret for s in _spellings(secret)}
+    if extras:
+        secrets = tuple(sorted(extras.union(secrets), key=len, reverse=True))
+    for secret in secrets:
+        if secret in text:
             text = text.replace(secret, REDACTED)
     return text
-
-
-def structlog_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A structlog processor applying :func:`scrub` to every string value (and exception text)."""
-    for key, value in list(event_dict.items()):
-        if isinstance(value, str):
-            event_dict[key] = scrub(value)
-    return event_dict

@@ -7,6 +7,8 @@ returns an :class:`Outcome` and the service queues, delays or parks the job acco
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -34,7 +36,7 @@ from .progress import ProgressReporter
 from .redact import scrub
 from .rules import Rules, model_rules
 from .streamcheck import StreamCheck
-from .watcher import FAILED_DIR, printable_name
+from .watcher import DONE_DIR, FAILED_DIR, printable_name
 
 __all__ = [
     "Closed",
@@ -244,50 +246,75 @@ class Runner:
         if job.state in (State.QUEUED, State.PACKAGING):
             return await self._package(job, model)
         if job.state is State.REQUESTING:
-            return await self._request(job, model)
+            job = await self._request(job, model)
+            return await self._upload(job, model, fresh=True)
         return await self._upload(job, model)
 
     # -- steps --------------------------------------------------------------------------------------------------------
     async def _package(self, job: Job, model: ModelContext) -> Job:
-        if job.state is not State.PACKAGING:
-            job = self.ledger.update(job.id, state=State.PACKAGING, event="state", detail={"state": "packaging"})
         if job.content_sha256 and self._packaged_still_valid(job, model):
             return self._claim(job, model)  # waited for the same content in another job: no need to zip it again
-        await asyncio.to_thread(drop_staged, job)
+        if job.package_path:
+            await asyncio.to_thread(drop_staged, job)
         started = self._monotonic()
         # What is checked here is what will be moved out of the inbox when the job closes, and nothing else.
         before = source_identities(model.inbox, job.sources)
+        # A zip is never small: its few KB may hold what takes seconds to inflate and check.
+        small = job.kind != "zip" and _total_size(before) <= _INLINE_BYTES
+        # A queued job's move to `packaging` is committed with the packaging's result (one commit, not two) when the
+        # check is quick; a large one shows `packaging` while it is checked. Either way a kill -9 finds the job
+        # queued or packaging, and both are packaged again from the start; any other end of this step commits it.
+        deferred = job.state is not State.PACKAGING
+        if deferred and not small:
+            job = self._enter_packaging(job)
+            deferred = False
         rules = self._rules(job, model)
         try:
-            pkg = await asyncio.to_thread(self._build, job, model, rules)
-            after = source_identities(model.inbox, job.sources)
-        except packager.Cancelled:
-            log.info("job.packaging_stopped", model=model.name, job_id=job.id, file=job.upload_filename)
-            raise _Stopped from None
-        except checks.InputError as e:
-            self.ledger.update(job.id, source_ids=before)
-            raise _Failed(str(e), _input_hint(e)) from e
-        except FileNotFoundError as e:
-            self.ledger.update(job.id, source_ids=before)
-            reason = f"a source file disappeared from the inbox before it was uploaded ({Path(e.filename or '?').name})"
-            raise _Failed(reason, _HINTS["input"]) from e
-        if before != after:
-            if pkg.temporary:
-                pkg.path.unlink(missing_ok=True)
-            raise SourceChanged(f"{', '.join(job.sources)} changed while being checked")
-        job = self.ledger.update(
-            job.id,
-            sha256=pkg.sha256,
-            content_sha256=pkg.content_sha256,
-            size_bytes=pkg.size_bytes,
-            package_path=str(pkg.path) if pkg.temporary else None,
-            source_ids=after,
-            header=pkg.header,
-            event="packaged",
-            detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes, "sources": after,
-                    **({"warnings": list(pkg.warnings)} if pkg.warnings else {}),
-                    **({"removed_entries": list(pkg.removed_entries)} if pkg.removed_entries else {})},
-        )
+            try:
+                # A small file is checked inline: a thread hop costs more than checking a few KB.
+                if small:
+                    pkg = self._build(job, model, rules)
+                else:
+                    pkg = await asyncio.to_thread(self._build, job, model, rules)
+                after = source_identities(model.inbox, job.sources)
+            except packager.Cancelled:
+                log.info("job.packaging_stopped", model=model.name, job_id=job.id, file=job.upload_filename)
+                raise _Stopped from None
+            except checks.InputError as e:
+                self.ledger.update(job.id, source_ids=before)
+                raise _Failed(str(e), _input_hint(e)) from e
+            except FileNotFoundError as e:
+                self.ledger.update(job.id, source_ids=before)
+                name = Path(e.filename or "?").name
+                reason = f"a source file disappeared from the inbox before it was uploaded ({name})"
+                raise _Failed(reason, _HINTS["input"]) from e
+            if before != after:
+                if pkg.temporary:
+                    pkg.path.unlink(missing_ok=True)
+                raise SourceChanged(f"{', '.join(job.sources)} changed while being checked")
+        except BaseException:
+            if deferred:
+                self._enter_packaging(job)
+            raise
+        # Packaged and claimed in one commit: the claim only reads the ledger, and a kill -9 before it finds the job
+        # queued (packaged again) as it found it packaged-but-unclaimed before (claimed at the next start).
+        with self.ledger.batch():
+            if deferred:
+                self._enter_packaging(job)
+            job = self.ledger.update(
+                job.id,
+                sha256=pkg.sha256,
+                content_sha256=pkg.content_sha256,
+                size_bytes=pkg.size_bytes,
+                package_path=str(pkg.path) if pkg.temporary else None,
+                source_ids=after,
+                header=pkg.header,
+                event="packaged",
+                detail={"sha256": pkg.sha256, "size_bytes": pkg.size_bytes, "sources": after,
+                        **({"warnings": list(pkg.warnings)} if pkg.warnings else {}),
+                        **({"removed_entries": list(pkg.removed_entries)} if pkg.removed_entries else {})},
+            )
+            claimed = self._claim_content(job, model)
         if not pkg.checked:
             log.info("job.hashed", model=model.name, job_id=job.id, file=job.upload_filename,
                      action="checked while it is sent; its last byte waits for the check")
@@ -303,9 +330,22 @@ class Runner:
             sha256=pkg.sha256,
             duration_s=round(self._monotonic() - started, 3),
         )
-        return self._claim(job, model)
+        if isinstance(claimed, _WaitFor):
+            raise claimed
+        return claimed
+
+    def _enter_packaging(self, job: Job) -> Job:
+        return self.ledger.update(job.id, state=State.PACKAGING, event="state", detail={"state": "packaging"})
 
     def _claim(self, job: Job, model: ModelContext) -> Job:
+        claimed = self._claim_content(job, model)
+        if isinstance(claimed, _WaitFor):
+            raise claimed
+        return claimed
+
+    def _claim_content(self, job: Job, model: ModelContext) -> Job | _WaitFor:
+        """The job moved on by its claim (requesting, or a duplicate), or the wait to raise once its commit is made:
+        ledger writes only, so it may run inside a batch."""
         assert job.content_sha256 is not None
         claim = self.ledger.claim_content(job.id, model.name, job.content_sha256, inbox=job.inbox)
         if claim is None:
@@ -321,7 +361,7 @@ class Runner:
                 file=job.upload_filename,
                 same_as=earlier,
             )
-            raise _WaitFor(earlier)
+            return _WaitFor(earlier)
         self._waits.pop(job.id, None)
         log.info("job.duplicate", model=model.name, job_id=job.id, file=job.upload_filename, same_as=earlier)
         return self.ledger.update(
@@ -377,15 +417,25 @@ class Runner:
                 retrain_job_id=ticket.retrain_job_id,
                 error=str(e),
             )
-        return self.ledger.update(
-            job.id,
-            state=State.UPLOADING,
-            status_before_put=before,
-            event="state",
-            detail={"state": "uploading", "status_before_put": before},
-        )
+        # Not committed here: the move to `uploading` is committed with put_started, just before the first byte.
+        return dataclasses.replace(job, state=State.UPLOADING, status_before_put=before)
 
-    async def _upload(self, job: Job, model: ModelContext) -> Job:
+    def _uploading(self, job: Job) -> dict[str, Any]:
+        """The ledger changes of the move to `uploading` with its baseline (see ``_upload``)."""
+        before = job.status_before_put
+        return {"state": State.UPLOADING, "status_before_put": before, "event": "state",
+                "detail": {"state": "uploading", "status_before_put": before}}
+
+    async def _upload(self, job: Job, model: ModelContext, *, fresh: bool = False) -> Job:
+        """The PUT. ``fresh``: ``job`` comes straight from ``_request``, its move to `uploading` not yet committed.
+
+        That move is committed together with put_started (one commit, not two). A kill -9 before that commit finds
+        the job `requesting`, with the remote job of its URL recorded: it asks for a new URL, as it did when it found
+        the job `uploading` without a PUT started (the URL is never stored). If no PUT starts now, the move is
+        committed alone, as before, and the job goes on from `uploading`.
+        """
+        if fresh and (self.stopping or model.paused_reason is not None or job.status_before_put is None):
+            return self.ledger.update(job.id, **self._uploading(job))
         if job.put_started:
             job = await self._settle(job, model)
             if job.state is not State.UPLOADING:
@@ -412,11 +462,17 @@ class Runner:
                 # HTML page) is asked again like a 5xx, up to max_attempts, rather than failing a good file.
                 raise TransportError("status", f"no usable status before the upload ({e.describe()})") from e
             job = self.ledger.update(job.id, status_before_put=before, event="baseline", detail={"status": before})
-        self._check_window()
-        self._check_sources_unchanged(job, model)
-        path = self._package_path(job, model)
-        check = self._sent_check(job, model, path)
-        job = self.ledger.update(job.id, put_started=1, bytes_sent=0)  # committed before the first byte leaves
+        try:
+            self._check_window()
+            self._check_sources_unchanged(job, model)
+            path = self._package_path(job, model)
+            check = self._sent_check(job, model, path)
+        except BaseException:
+            if fresh:
+                self.ledger.update(job.id, **self._uploading(job))
+            raise
+        changes = self._uploading(job) if fresh else {}
+        job = self.ledger.update(job.id, put_started=1, bytes_sent=0, **changes)  # committed before the first byte
         started = self._monotonic()
         log.info("upload.started", **job.log_fields(), size_bytes=job.size_bytes, attempt=job.attempts + 1)
         meter = UploadMeter()
@@ -563,18 +619,28 @@ class Runner:
         self, job: Job, model: ModelContext, *, duration_s: float | None = None, confirmed_by_status: bool = False
     ) -> Job:
         self._forget(job.id)
-        job = self.ledger.update(
-            job.id,
-            state=State.UPLOADED,
-            uploaded_at=self.ledger.now(),
-            put_started=0,
-            bytes_sent=job.size_bytes,
-            outcome_unknown_since=None,
-            error=None,
-            event="uploaded",
-            detail={"confirmed_by_status": confirmed_by_status},
-        )
-        self.ledger.note_model(model.name, success=True)
+        # The moves out of the inbox are planned now and recorded with the upload and the model's last success: one
+        # commit for what were three. Nothing outside the ledger happens between them (the renames come after this
+        # commit, as closing requires), so a kill -9 finds either the PUT unrecorded (settled by status, as before)
+        # or all three; a plan that cannot be made now (done/ unusable) is made when the job closes, as before.
+        planned: dict[str, Any] = {}
+        if not job.moved_to:
+            with contextlib.suppress(OSError):
+                planned["moved_to"] = plan_moves(model.inbox, job.sources, DONE_DIR, job_id=job.id)
+        with self.ledger.batch():
+            job = self.ledger.update(
+                job.id,
+                state=State.UPLOADED,
+                uploaded_at=self.ledger.now(),
+                put_started=0,
+                bytes_sent=job.size_bytes,
+                outcome_unknown_since=None,
+                error=None,
+                event="uploaded",
+                detail={"confirmed_by_status": confirmed_by_status},
+                **planned,
+            )
+            self.ledger.note_model(model.name, success=True)
         self.metrics.uploaded(model.name, job.size_bytes or 0, duration_s)
         log.info(
             "upload.finished",
@@ -685,22 +751,25 @@ class Runner:
         and the entry, moved by its real name, becomes ``failed/jobN.dropped``.
         """
         shown = printable_name(name)
-        job = self.ledger.create_job(
-            model=model.name,
-            kind="reject",
-            name=shown,
-            sources=[shown],
-            upload_filename=shown,
-            inbox=inbox_key(model.inbox),
-        )
-        if shown == name:
-            # Its identity: if its close must wait (a full disk) and the entry is replaced meanwhile, the new one is
-            # not moved out as this one.
-            self.ledger.update(job.id, source_ids=source_identities(model.inbox, [name]))
-            job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
-        else:
-            hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
-            job = self._fail(job, f"'{shown}' was not taken: {reason}", hint)  # repr() would double each backslash
+        # Created, identified and failed in one commit: a kill -9 finds no job (the entry is rejected again at the next
+        # scan) or a failed one to close, never a `queued` reject that a restart would try to package.
+        with self.ledger.batch():
+            job = self.ledger.create_job(
+                model=model.name,
+                kind="reject",
+                name=shown,
+                sources=[shown],
+                upload_filename=shown,
+                inbox=inbox_key(model.inbox),
+            )
+            if shown == name:
+                # Its identity: if its close must wait (a full disk) and the entry is replaced meanwhile, the new one
+                # is not moved out as this one.
+                self.ledger.update(job.id, source_ids=source_identities(model.inbox, [name]))
+                job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
+            else:
+                hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
+                job = self._fail(job, f"'{shown}' was not taken: {reason}", hint)  # repr() would double backslashes
         try:
             if shown != name:
                 targets = plan_moves(model.inbox, [name], FAILED_DIR, job_id=job.id, error_stem=shown)
@@ -735,6 +804,16 @@ class Runner:
 
     def _package_path(self, job: Job, model: ModelContext) -> Path:
         return Path(job.package_path) if job.package_path else model.inbox / job.sources[0]
+
+
+# Up to this many bytes of sources, a job's check runs on the event loop (a thread hop costs more than checking a few
+# KB; 256 KiB are checked in about a millisecond) and its close's renames too.
+_INLINE_BYTES = 256 * 1024
+
+
+def _total_size(identities: Mapping[str, list[int]]) -> int:
+    """The sources' total size from their identities (``[dev, ino, size, ...]``; a missing one counts 0)."""
+    return sum(ident[2] for ident in identities.values() if len(ident) > 2)
 
 
 def _size(path: Path) -> int:

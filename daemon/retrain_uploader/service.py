@@ -43,6 +43,8 @@ _VACUUM_START_TIMEOUT_S = 3600  # how long systemd waits for the start while the
 
 log = structlog.get_logger("retrain_uploader.service")
 
+_RECORDING = 0  # the job id of a file taken whose job is not recorded yet (ids start at 1)
+
 
 class Service:
     """The daemon. ``run()`` returns the process exit code."""
@@ -81,6 +83,7 @@ class Service:
         # taken a second time; it is free again once its job closed (a file that replaced it then becomes a job).
         self._taken: dict[tuple[str, str], int] = {}
         self._active: set[int] = set()  # queued, waiting for a retry, or being worked on
+        self._intake: list[tuple[str, str, Candidate]] = []  # taken, to be recorded in one commit (_record_takes)
         self._queue: asyncio.Queue[int] = asyncio.Queue(maxsize=settings.pool.queue_size)
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -479,31 +482,56 @@ class Service:
 
     # -- intake -------------------------------------------------------------------------------------------------------
     async def _take(self, model: str, candidate: Candidate) -> None:
+        """Hold the candidate's files now; its job is recorded with the other takes of the same run (the watcher
+        hands a burst over without yielding between takes): one commit for them all, not one each."""
         if self.stop_event.is_set():
             return
         inbox = inbox_key(self.models[model].inbox)
         if any((inbox, name) in self._taken for name in candidate.sources):
             return  # held by an open job (of this model under another name, before a reload renamed it)
-        job = self.ledger.create_job(
-            model=model,
-            kind=candidate.kind,
-            name=candidate.name,
-            sources=candidate.sources,
-            upload_filename=candidate.upload_filename,
-            inbox=inbox,
-        )
         for name in candidate.sources:
-            self._taken[(inbox, name)] = job.id
-        self.metrics.file_seen(model, len(candidate.sources))
-        log.info(
-            "job.queued",
-            model=model,
-            job_id=job.id,
-            kind=candidate.kind,
-            file=candidate.upload_filename,
-            sources=list(candidate.sources),
-        )
-        self._submit(job.id)
+            self._taken[(inbox, name)] = _RECORDING
+        if not self._intake:
+            asyncio.get_running_loop().call_soon(self._record_takes)
+        self._intake.append((model, inbox, candidate))
+
+    def _record_takes(self) -> None:
+        takes, self._intake = self._intake, []
+        try:
+            with self.ledger.batch():
+                jobs = [
+                    self.ledger.create_job(
+                        model=model,
+                        kind=candidate.kind,
+                        name=candidate.name,
+                        sources=candidate.sources,
+                        upload_filename=candidate.upload_filename,
+                        inbox=inbox,
+                    )
+                    for model, inbox, candidate in takes
+                ]
+        except Exception:
+            # Disk full under the ledger, say: nothing was recorded. The files stay in the inbox, settle again and
+            # are offered again (the watch goes on).
+            for model, inbox, candidate in takes:
+                for name in candidate.sources:
+                    if self._taken.get((inbox, name)) == _RECORDING:
+                        del self._taken[(inbox, name)]
+                log.exception("inbox.take_failed", model=model, file=candidate.upload_filename)
+            return
+        for job, (model, inbox, candidate) in zip(jobs, takes, strict=True):
+            for name in candidate.sources:
+                self._taken[(inbox, name)] = job.id
+            self.metrics.file_seen(model, len(candidate.sources))
+            log.info(
+                "job.queued",
+                model=model,
+                job_id=job.id,
+                kind=candidate.kind,
+                file=candidate.upload_filename,
+                sources=list(candidate.sources),
+            )
+            self._submit(job.id)
 
     def _is_taken(self, inbox: str, name: str) -> bool:
         return (inbox, name) in self._taken

@@ -171,13 +171,27 @@ class SettleTracker:
         self._seen.pop(name, None)
 
 
-def scan(inbox: Path) -> tuple[dict[str, Signature], list[Reject]]:
-    """``lstat`` the inbox's top level: regular files with their signatures, and entries that cannot be taken."""
+# Candidates handed over between two yields to the loop: the service records them in one commit.
+_BURST = 32
+
+
+def scan(
+    inbox: Path, taken: Callable[[str], bool] | None = None, held: set[str] | None = None
+) -> tuple[dict[str, Signature], list[Reject]]:
+    """``lstat`` the inbox's top level: regular files with their signatures, and entries that cannot be taken.
+
+    Names for which ``taken`` is true belong to a job already: they are not ``lstat``-ed (each job's close wakes a
+    scan of an inbox that may hold thousands of them) but added to ``held``.
+    """
     files: dict[str, Signature] = {}
     rejects: list[Reject] = []
     with os.scandir(inbox) as it:
         for entry in it:
             name = entry.name
+            if taken is not None and taken(name):  # first: cheaper than is_ignored, and most names of a backlog
+                if held is not None:
+                    held.add(name)
+                continue
             if is_ignored(name) or name in OWN_FOLDERS:
                 continue
             try:
@@ -288,7 +302,8 @@ class InboxWatcher:
         if self._active_hub is not None:
             self._active_hub.check(self.inbox_path)
         try:
-            files, rejects = scan(self.inbox)
+            held: set[str] = set()
+            files, rejects = scan(self.inbox, self._is_taken, held)
         except OSError as e:
             if not self._scan_failed:
                 log.error("inbox.unreadable", model=self.model, inbox=str(self.inbox), error=str(e))
@@ -298,7 +313,7 @@ class InboxWatcher:
         free = {name: sig for name, sig in files.items() if not self._is_taken(name)}
         settled = self._tracker.observe(free, self._clock())
         result = plan(settled)
-        present = files.keys() | {r.name for r in rejects}
+        present = files.keys() | {r.name for r in rejects} | held
         self._rejected = {name: sig for name, sig in self._rejected.items() if name in present}
         for reject in (*rejects, *result.rejects):
             identity = reject.signature or files.get(reject.name)
@@ -311,17 +326,21 @@ class InboxWatcher:
                 self._warned_halves.add(half)
                 log.warning("inbox.waiting_for_partner", model=self.model, file=half)
         self._warned_halves &= set(result.halves)
-        for candidate in result.candidates:
+        for i, candidate in enumerate(result.candidates, 1):
             for name in candidate.sources:
                 self._tracker.forget(name)
-            await self._hand_over(self._on_candidate, candidate, candidate.upload_filename)
+            await self._hand_over(self._on_candidate, candidate, candidate.upload_filename, pause=i % _BURST == 0)
 
-    async def _hand_over(self, handler: Callable[[_T], Awaitable[None]], item: _T, file: str) -> None:
+    async def _hand_over(
+        self, handler: Callable[[_T], Awaitable[None]], item: _T, file: str, *, pause: bool = True
+    ) -> None:
         # A failure to record one file (disk full under the ledger, say) must not end the watch: the file stays in
         # the inbox, settles again and is offered again.
         try:
             await handler(item)
         except Exception:
             log.exception("inbox.take_failed", model=self.model, file=file)
-        # Each take commits to the ledger: let workers start on the first files of a burst of a thousand.
-        await asyncio.sleep(0)
+        if pause:
+            # Let the loop run between takes of a burst of a thousand: the service records each run of takes in one
+            # commit and its workers start on the first files.
+            await asyncio.sleep(0)

@@ -159,7 +159,11 @@ class WatchHub:
 
     def _route(self, changes: Iterable[tuple[watchfiles.Change, str]]) -> None:
         woken: set[str] = set()
-        for _, changed in changes:
+        for change, changed in changes:
+            if change == watchfiles.Change.deleted and os.path.dirname(changed) in self._by_path:
+                # A file gone from an inbox (most often a job's own move to done/) brings nothing to take: no scan
+                # (each one reads the whole inbox, and a backlog of thousands closes one job at a time).
+                continue
             for path in (os.path.dirname(changed), changed):  # a file in an inbox, or the inbox itself
                 if path in self._by_path:
                     woken.add(path)
