@@ -198,3 +198,22 @@ async def test_a_sound_ledger_checked_after_the_start_says_so_and_the_daemon_goe
         service.request_stop()
         assert await asyncio.wait_for(task, timeout=15) == 0
     assert "ledger.damaged" not in [entry["event"] for entry in logs]
+
+
+def test_a_damaged_page_the_check_at_start_did_not_reach_is_a_clear_ledger_error_at_run_time(tmp_path: Path) -> None:
+    # Found by review: a write meeting a damaged page the check at start did not reach raised a bare DatabaseError
+    # (a traceback at every take, the daemon "healthy"); it is the same LedgerDamaged as at start, and the daemon is
+    # told (Service.ledger_damaged: one line, stop, exit 4).
+    path = tmp_path / "ledger.sqlite3"
+    _ledger_with_jobs(path, 2000)
+    _damage_an_index_leaf(path)
+    told: list[LedgerDamaged] = []
+    ledger = Ledger(path, lock=True, check_budget_s=0.0)  # cut short, as on a big ledger
+    try:
+        assert not ledger.checked_fully
+        ledger.on_damage = told.append
+        with pytest.raises(LedgerDamaged):
+            ledger.create_job(model="alpha", kind="csv", name="n", sources=["n.csv"], upload_filename="n.csv")
+        assert len(told) == 1 and "restore a backup" in str(told[0])
+    finally:
+        ledger.close()

@@ -386,6 +386,8 @@ class Ledger:
         self.path = path
         # Whether the daemon's check at open read the whole file (False: a ledger too big for check_budget_s).
         self.checked_fully = False
+        # Told of damage a write met at run time (a page the check at open did not reach): the daemon stops on it.
+        self.on_damage: Callable[[LedgerDamaged], object] | None = None
         self._clock = clock
         self._lock_fd: int | None = None
         if read_only:
@@ -501,13 +503,22 @@ class Ledger:
         if self._db.in_transaction:  # inside batch(): its commit is this write's
             yield
             return
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk, damage)
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            if not is_corruption(e):
+                raise
+            damage = LedgerDamaged(f"{self.path}: the ledger is damaged ({e}); {_DAMAGED_FIX}")
+            if self.on_damage is not None:
+                self.on_damage(damage)
+            raise damage from e
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
     def create_job(

@@ -101,6 +101,7 @@ class Service:
     async def run(self) -> int:
         network = Network.from_settings(self.settings.api)  # the proxy password and CA bundle, read now
         self.ledger = Ledger(self.settings.ledger.path, lock=True, check_budget_s=self._check_budget_s)
+        self.ledger.on_damage = self.ledger_damaged  # whichever write meets it, the daemon stops
         if not self.ledger.checked_fully:  # the rest is checked in a thread once the daemon works (_check_ledger)
             log.info("ledger.check_cut_short", ledger=str(self.settings.ledger.path), budget_s=self._check_budget_s)
         self.window = UploadWindow(
