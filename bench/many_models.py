@@ -42,6 +42,10 @@ def proc_counts(pid: int) -> dict[str, int]:
     }
 
 
+def _posix(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 async def main(models: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -69,8 +73,7 @@ async def main(models: int) -> None:
                     await asyncio.sleep(0.05)
                 busy = proc_counts(daemon.pid)
                 latency = sorted(
-                    datetime.fromisoformat(job["created_at"].replace("Z", "+00:00")).timestamp() - dropped_at[job["upload_filename"]]
-                    for job in view.jobs()
+                    _posix(job["created_at"]) - dropped_at[job["upload_filename"]] for job in view.jobs()
                 )
             finally:
                 await daemon.close()
