@@ -320,7 +320,8 @@ class InboxWatcher:
             if self._is_taken(reject.name) or self._rejected.get(reject.name, ()) == identity:
                 continue
             self._rejected[reject.name] = identity
-            await self._hand_over(self._on_reject, reject, printable_name(reject.name))
+            if not await self._hand_over(self._on_reject, reject, printable_name(reject.name)):
+                del self._rejected[reject.name]  # not recorded (the ledger's disk full): offered again next scan
         for half in result.halves:
             if half not in self._warned_halves:
                 self._warned_halves.add(half)
@@ -333,14 +334,17 @@ class InboxWatcher:
 
     async def _hand_over(
         self, handler: Callable[[_T], Awaitable[None]], item: _T, file: str, *, pause: bool = True
-    ) -> None:
+    ) -> bool:
         # A failure to record one file (disk full under the ledger, say) must not end the watch: the file stays in
-        # the inbox, settles again and is offered again.
+        # the inbox, settles again and is offered again. Returns whether the handler took it.
         try:
             await handler(item)
         except Exception:
             log.exception("inbox.take_failed", model=self.model, file=file)
-        if pause:
-            # Let the loop run between takes of a burst of a thousand: the service records each run of takes in one
-            # commit and its workers start on the first files.
-            await asyncio.sleep(0)
+            return False
+        finally:
+            if pause:
+                # Let the loop run between takes of a burst of a thousand: the service records each run of takes in
+                # one commit and its workers start on the first files.
+                await asyncio.sleep(0)
+        return True
