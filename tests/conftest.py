@@ -152,6 +152,23 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def fill_disk(disk: Path) -> Path:
+    """Fill the filesystem of ``disk`` (a small_disk) to its last byte with a file ``disk/filler``; returns it (remove
+    it to give the room back)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
 def drop(inbox: Path, name: str, content: bytes | str, encoding: str = "utf-8") -> Path:
     """Drop a file the way a careful user does: write elsewhere, then rename into the inbox."""
     data = content.encode(encoding) if isinstance(content, str) else content

@@ -11,7 +11,7 @@ from typing import Any
 
 from retrain_uploader.ledger import State
 
-from .conftest import wait_for
+from .conftest import fill_disk, wait_for
 
 
 async def test_a_rejects_error_file_is_written_once_the_disk_has_room_again(
@@ -24,17 +24,7 @@ async def test_a_rejects_error_file_is_written_once_the_disk_has_room_again(
         retry={"max_delay_s": 0.3},
     )
     d = await start_daemon(settings)
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the disk to the last byte
-        for size in (65536, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
+    filler = fill_disk(small_disk)
     os.symlink("/etc/hostname", inbox / "link.csv")  # a symlink is never followed: rejected, moved to failed/
 
     def recorded() -> Any:

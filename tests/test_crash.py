@@ -27,7 +27,7 @@ from retrain_uploader.emulator import WAITING, Emulator
 from retrain_uploader.ledger import AFTER_UPLOAD, State
 
 from ._proc import DaemonProcess, LedgerView, write_config
-from .conftest import KEYS, drop, wait_for
+from .conftest import KEYS, drop, fill_disk, wait_for
 
 SENT = {str(s) for s in AFTER_UPLOAD}  # uploaded, or further along the retraining
 MiB = 1 << 20
@@ -279,17 +279,7 @@ async def test_kill_9_after_the_upload_and_its_move_plan_were_one_commit(
     archive.mkdir()
     s = Setup(tmp_path, emulator.base_url)
     (s.inbox / "done").symlink_to(archive)
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the disk to the last byte: the copy into done/ (another filesystem) fails
-        for size in (65536, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
+    filler = fill_disk(small_disk)  # the copy into done/ (another filesystem) fails
     s.drop("a.csv", table(4))
     d = await daemons(s.config).start()
 

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from retrain_uploader.emulator import Emulator
 from retrain_uploader.ledger import AFTER_UPLOAD, State
 
-from .conftest import KEYS, drop, wait_for
+from .conftest import KEYS, drop, fill_disk, wait_for
 
 SENT = AFTER_UPLOAD  # uploaded; the retraining that follows may have moved it on already
 CSV = "id,age,plan\n1,34,basic\n2,51,\"premium, annual\"\n"
@@ -335,17 +335,7 @@ async def test_a_burst_the_ledger_cannot_record_is_offered_again(
     """The ledger's disk full while a take is recorded: nothing is recorded, the file stays in the inbox and is taken
     again once there is room (one job, sent once)."""
     d = await start_daemon(make_settings(ledger={"path": str(small_disk / "ledger.sqlite3")}))
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the disk to the last byte
-        for size in (65536, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
+    filler = fill_disk(small_disk)
     with capture_logs() as logs:
         drop(d.inbox(), "a.csv", "id,x\n1,2\n")
         await wait_for(lambda: any(e["event"] == "inbox.take_failed" for e in logs), 10, "the take failing")

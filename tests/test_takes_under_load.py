@@ -5,7 +5,6 @@ files checked inline; a reject whose record failed was never offered again)."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from structlog.testing import capture_logs
 
 from retrain_uploader.emulator import Emulator
 
-from .conftest import drop, wait_for
+from .conftest import drop, fill_disk, wait_for
 from .test_crash import Setup, table
 
 
@@ -84,17 +83,7 @@ async def test_a_reject_the_ledger_could_not_record_is_recorded_once_there_is_ro
     remembered it as rejected before the record failed, so it sits in the inbox unrecorded (until a restart, presumably:
     the memory is per process; not verified here). Fails on the merged code and on the code before the merge."""
     d = await start_daemon(make_settings(ledger={"path": str(small_disk / "ledger.sqlite3")}))
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the disk to the last byte
-        for size in (65536, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * size)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
+    filler = fill_disk(small_disk)
     target = d.inbox().parent / "elsewhere.csv"
     target.write_text("id,x\n1,2\n")
     with capture_logs() as logs:
