@@ -4,6 +4,7 @@ models, and what does not fit is said once, with the setting that fixes it."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -110,3 +111,47 @@ async def test_a_hard_fd_limit_below_the_need_is_said_once_with_the_fix_and_file
 
 def daemon_ledger(tmp_path: Path) -> Path:
     return tmp_path / "state" / "ledger.sqlite3"
+
+
+def _no_inotify_instances() -> bool:
+    """Whether this machine lets a process run in a user namespace of its own whose inotify instance limit is 0 (a
+    limit of that namespace only: the rest of the machine is not touched)."""
+    try:
+        probe = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "sh", "-c",
+             "echo 0 > /proc/sys/user/max_inotify_instances && cat /proc/sys/user/max_inotify_instances"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and probe.stdout.strip() == "0"
+
+
+@pytest.mark.skipif(not _no_inotify_instances(), reason="needs unshare --user and a namespaced inotify limit")
+async def test_no_inotify_instance_to_be_had_is_said_once_and_every_inbox_is_polled(
+    tmp_path: Path, many_keys_emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real daemon in a user namespace whose fs.inotify instance limit is 0: inotify_init fails with EMFILE, as on
+    # a host where other programs of the service user took all 128. Exhausting the real limit would break them.
+    monkeypatch.setattr(_proc, "COMMAND", [
+        "unshare", "--user", "--map-root-user", "sh", "-c",
+        'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh", *_proc.COMMAND,
+    ])
+    keys = {f"m{i:03d}": f"key-m{i:03d}" for i in range(3)}
+    config = write_config(tmp_path, many_keys_emulator.base_url, keys=keys,
+                          watch={"settle_s": 0.1, "rescan_s": 60, "poll_delay_ms": 200})
+    daemon = DaemonProcess(config, tmp_path)
+    try:
+        await daemon.start(timeout=30)
+        for i, model in enumerate(keys):
+            drop(tmp_path / "inbox" / model, f"f{i}.csv", f"a,b\n{i},{i}\n")
+        # Well before the 60 s rescan: polled every poll_delay_ms.
+        jobs = await LedgerView(daemon_ledger(tmp_path)).all_closed(len(keys), timeout=20, why=daemon.tail())
+        fds = _open_fds(daemon.pid)
+    finally:
+        await daemon.close()
+    assert sorted(j["model"] for j in jobs) == sorted(keys)
+    assert "anon_inode:inotify" not in fds
+    said = daemon.logged("watch.limit_reached")
+    assert len(said) == 1, said
+    assert said[0]["inboxes"] == len(keys) and "max_user_instances" in said[0]["fix"]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -28,6 +29,7 @@ __all__ = ["WatchHub", "Watched", "folder_identity", "is_limit_error"]
 log = structlog.get_logger("retrain_uploader.watcher")
 
 _LIMIT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC})
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 EVENTS, POLLING = "events", "polling"
 
 
@@ -66,10 +68,16 @@ def folder_identity(path: str) -> tuple[int, int] | None:
 
 
 def is_limit_error(error: BaseException) -> bool:
-    """An fd or inotify limit (EMFILE, ENFILE, ENOSPC: "no space" is inotify's word for "no watches left")."""
+    """An fd or inotify limit (EMFILE, ENFILE, ENOSPC: "no space" is inotify's word for "no watches left").
+
+    watchfiles reports a failed ``inotify_init`` as ``WatchfilesRustInternalError`` whose text ends in
+    "(os error 24)", not as an OSError: that is read too (found with a real limit of 0 instances)."""
     if isinstance(error, BaseExceptionGroup):
         return any(is_limit_error(e) for e in error.exceptions)
-    return isinstance(error, OSError) and error.errno in _LIMIT_ERRNOS
+    if isinstance(error, OSError):
+        return error.errno in _LIMIT_ERRNOS
+    code = _RUST_OS_ERROR.search(str(error))
+    return code is not None and int(code.group(1)) in _LIMIT_ERRNOS
 
 
 def _describe(error: BaseException) -> str:
