@@ -89,6 +89,7 @@ class RequestRecord:
     path: str  # raw, without the query
     status: int | None = None
     at: float = 0.0  # emulator clock when the request arrived (before any latency or fault)
+    dropped: bool = False  # its connection was cut by a "drop" fault (status stays None, as while it is in flight)
 
 
 @dataclass
@@ -292,6 +293,7 @@ class Emulator:
         finally:
             record.job_id = record.job_id or exchange.job_id
         record.status = None if exchange.dropped else response.status
+        record.dropped = exchange.dropped
         return response
 
     def _presign(self, path: str, ttl: float) -> str:
