@@ -274,7 +274,9 @@ class EventRecorder:
         while self.count(event) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.count(event)}/{n} {event} after {timeout:g} s")
-            await asyncio.sleep(0.005)
+            # The time taken is the event's own (recorded above); this only notices it. Not every 5 ms: those wake-ups
+            # were counted as the daemon's CPU (about 0.07 ms per file at 2,000 files).
+            await asyncio.sleep(0.05)
         return self.events[event][n - 1][0]
 
 

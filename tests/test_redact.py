@@ -124,3 +124,22 @@ def test_a_scrubbed_json_line_is_still_json_and_holds_no_signature(parts: list[t
     assert (record["event"], record["n"]) == ("x", 3)
     assert SIG_VALUE not in scrubbed
     assert scrub(scrubbed) == scrubbed
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-Amz-\u017fignature",  # long s: IGNORECASE takes it for s
+        "X-Amz-S\u0131gnature",  # dotless i
+        "X-Amz-S\u0130gnature",  # dotted capital I
+        "x-api-\u212aey",  # Kelvin sign for k
+        "ACCESS_TOKEN",
+    ],
+)
+def test_a_line_is_scrubbed_whatever_case_its_parameter_name_takes(name: str) -> None:
+    # Most lines skip the patterns by a cheap pre-check for their keywords; it must let through every spelling the
+    # patterns themselves (case-insensitive, Unicode) would take.
+    line = json.dumps({"event": "upload.retry_scheduled", "error": f"failed: {name}={SIG_VALUE}&b=1"},
+                      ensure_ascii=False)
+    out = scrub(line)
+    assert SIG_VALUE not in out and json.loads(out)["error"] == f"failed: {name}=<redacted>&b=1"

@@ -51,8 +51,20 @@ _PARAM = re.compile(
     re.IGNORECASE,
 )
 
-# Every pattern above and below needs one of these: a line without any (most log lines) skips them all.
-_MAYBE = re.compile(r"sig|credential|token|access|key|secret|password|http|://", re.IGNORECASE)
+# Every pattern above and below needs one of these: a line without any (most log lines) skips them all. Looked for
+# as substrings of the case-folded text, not by one IGNORECASE regex (12 us on a 250-character line, against 1.5 us).
+# The folding matches what IGNORECASE does for these letters: casefold() takes U+017F (long s) to s and U+212A
+# (Kelvin) to k; the two the patterns also take for i, U+0131 (dotless) and U+0130 (dotted capital, folded to i and a
+# combining dot), are mapped to i.
+_KEYWORDS = ("sig", "credential", "token", "access", "key", "secret", "password", "http", "://")
+
+
+def _maybe_secret(text: str) -> bool:
+    folded = text.casefold()
+    if "\u0131" in folded or "\u0307" in folded:
+        folded = folded.replace("i\u0307", "i").replace("\u0131", "i")
+    return any(keyword in folded for keyword in _KEYWORDS)
+
 
 # A URL's user information (`http://user:password@proxy:3128`): the password goes, the user stays.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:\"'<>\\]+:)[^\s/?#@\"'<>\\]+@")
@@ -87,7 +99,7 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
 
     Applied to a rendered JSON line it keeps the line valid JSON: no replacement starts or ends inside an escape.
     """
-    if _MAYBE.search(text):
+    if _maybe_secret(text):
         text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
         text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
         text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
