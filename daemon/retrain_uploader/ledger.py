@@ -357,6 +357,15 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_open ON jobs(id) WHERE closed = 0;
     CREATE INDEX jobs_created ON jobs(created_at);
     """,
+    # 10: a model's reference header (its newest finished job's) read at every packaging: the newest such job of an
+    # inbox (or, for rows before schema 3, of a model) found at the end of an index of only those jobs, not by sorting
+    # every finished job of the ledger (0.5-1.6 s at a million jobs)
+    """
+    CREATE INDEX jobs_reference_inbox ON jobs(inbox, id)
+        WHERE state IN ('finished', 'switched') AND header IS NOT NULL;
+    CREATE INDEX jobs_reference_model ON jobs(model, id)
+        WHERE inbox IS NULL AND state IN ('finished', 'switched') AND header IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 CHECK_BUDGET_S = 1.0  # the longest the daemon's integrity check at start may take
@@ -772,15 +781,21 @@ class Ledger:
         return None if row is None else _job(row)
 
 
+# The newest of each way a job can be a model's reference, each the last entry of its partial index (migration 10:
+# the state and header terms are written as that index's, literally, or SQLite would not use it).
+_REFERENCE_WHERE = "state IN ('finished', 'switched') AND header IS NOT NULL"
 _REFERENCE = (
-    "SELECT id, header FROM jobs WHERE (inbox = ? OR (inbox IS NULL AND model = ?)) AND state IN (?, ?)"
-    " AND header IS NOT NULL"
+    f"SELECT id, header FROM (SELECT id, header FROM jobs WHERE inbox = ? AND {_REFERENCE_WHERE}"  # noqa: S608
+    " ORDER BY id DESC LIMIT 1)"
+    f" UNION ALL SELECT id, header FROM (SELECT id, header FROM jobs WHERE inbox IS NULL AND model = ? AND"
+    f" {_REFERENCE_WHERE} ORDER BY id DESC LIMIT 1)"
     " ORDER BY id DESC LIMIT 1"
 )
+assert (State.FINISHED, State.SWITCHED) == ("finished", "switched")  # the literals above
 
 
 def reference_header(db: sqlite3.Connection, model: str, inbox: str | None) -> tuple[int, tuple[str, ...]] | None:
-    row = db.execute(_REFERENCE, (inbox, model, State.FINISHED, State.SWITCHED)).fetchone()
+    row = db.execute(_REFERENCE, (inbox, model)).fetchone()
     return None if row is None else (int(row[0]), tuple(json.loads(row[1])))
 
 
