@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,9 @@ def test_counts_and_model_rows(tmp_path: Path) -> None:
         assert ledger.models()["m"]["paused_reason"] is None
 
 
-def _claim_steps(ledger: Ledger, job_id: int, content: str) -> int:
-    """SQLite VM instructions (in hundreds) one claim_content takes: what it reads, independent of the machine."""
+def _steps(ledger: Ledger, call: Callable[[], Any]) -> tuple[int, Any]:
+    """SQLite VM instructions (in hundreds) ``call`` takes on the ledger's connection, and its result: what it reads,
+    independent of the machine."""
     steps = [0]
 
     def count() -> int:
@@ -128,10 +130,16 @@ def _claim_steps(ledger: Ledger, job_id: int, content: str) -> int:
 
     ledger._db.set_progress_handler(count, 100)
     try:
-        assert ledger.claim_content(job_id, "m", content, inbox="/inbox") is None
+        result = call()
     finally:
         ledger._db.set_progress_handler(None, 100)
-    return steps[0]
+    return steps[0], result
+
+
+def _claim_steps(ledger: Ledger, job_id: int, content: str) -> int:
+    steps, claim = _steps(ledger, lambda: ledger.claim_content(job_id, "m", content, inbox="/inbox"))
+    assert claim is None
+    return steps
 
 
 def test_a_claim_reads_no_more_with_thousands_of_jobs_already_sent(tmp_path: Path) -> None:
@@ -167,18 +175,7 @@ def test_the_reference_header_is_found_in_the_same_few_steps_however_many_jobs_f
     # inbox: 0.5-1.6 s a file at a million jobs (bench/ledger_scale.py's ledger). Migration 10's partial indexes end
     # in it.
     def steps(ledger: Ledger, model: str, inbox: str | None) -> tuple[int, Any]:
-        count = [0]
-
-        def tick() -> int:
-            count[0] += 1
-            return 0
-
-        ledger._db.set_progress_handler(tick, 100)
-        try:
-            found = ledger.reference_header(model, inbox)
-        finally:
-            ledger._db.set_progress_handler(None, 100)
-        return count[0], found
+        return _steps(ledger, lambda: ledger.reference_header(model, inbox))
 
     with Ledger(tmp_path / "l.db") as ledger:
         def finished(n: int, inbox: str | None, header: list[str]) -> int:
