@@ -229,8 +229,8 @@ def _history(path: Path, inbox: Path, count: int) -> None:
 
 
 async def _steps_for_one_file(tmp_path: Path, make_settings: Any, start_daemon: Any, history: int) -> int:
-    """SQLite steps (in tens, per statement) the daemon's connection takes for one small file, from its drop to its retraining's
-    result downloaded, on a ledger that already holds ``history`` settled jobs of the same inbox."""
+    """SQLite steps (in tens, per statement) the daemon's connection takes for one small file, from its drop to its
+    retraining's result downloaded, on a ledger that already holds ``history`` settled jobs of the same inbox."""
     settings = make_settings(ledger={"path": str(tmp_path / "ledger.sqlite3")})
     _history(settings.ledger.path, settings.model("alpha").inbox, history)
     d = await start_daemon(settings)
@@ -244,8 +244,9 @@ async def _steps_for_one_file(tmp_path: Path, make_settings: Any, start_daemon: 
     try:
         drop(d.inbox(), "new.csv", "id,x\n1,2\n3,4\n")
         await wait_for(
-            lambda: [j for j in d.jobs() if j.upload_filename == "new.csv" and j.result_path and j.closed], 15, "the new file's"
-            " result"
+            lambda: [j for j in d.jobs() if j.upload_filename == "new.csv" and j.result_path and j.closed],
+            15,
+            "the new file's result",
         )
     finally:
         d.service.ledger._db.set_progress_handler(None, 10)
