@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import json
+import os
 import re
+import stat
 import struct
 import termios
 import urllib.parse
@@ -300,7 +303,16 @@ class _InlineFile:
     """A small body's file, read on the event loop behind the same awaitable calls as aiofiles' thread-backed one."""
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 -- closed by close()
+        # Never blocks the loop on what replaced the file: a FIFO would hold open() until a writer came (found by
+        # review: the whole daemon stood still). O_NONBLOCK makes that open return; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file any more")
+            self._file = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def read(self, size: int) -> bytes:
         return self._file.read(size)

@@ -30,7 +30,7 @@ from typing import Any, TextIO, TypeVar
 import structlog
 
 from .journal import JournalSender, journal_fields, stderr_is_journal
-from .redact import scrub
+from .redact import scrub, scrub_values
 
 __all__ = ["configure", "escape_surrogates", "run_main"]
 
@@ -168,9 +168,11 @@ def configure(
         _add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # Exceptions are rendered to text in the line, in both forms: the sink scrubs the whole rendered line (every
-    # value, nested ones and exception text included) once, so no processor scrubs each value before.
-    last: list[Any] = [structlog.processors.format_exc_info, renderer]
+    # Exceptions are rendered to text in the line, in both forms. Each string value is scrubbed before rendering AND
+    # the sink scrubs the whole rendered line (nested values included): rendering escapes quotes, backslashes and tabs
+    # once more, and a secret in a value so escaped no longer matches the line's patterns (found by review when the
+    # per-value pass was dropped: an escaped JSON fragment, a password holding `"`, a tab after `token:`).
+    last: list[Any] = [structlog.processors.format_exc_info, scrub_values, renderer]
     sink = _Sink(stream, _ReopeningFile(file) if file is not None else None, journal)
     structlog.configure(
         processors=shared + last,

@@ -11,9 +11,10 @@ import json
 import re
 import threading
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
+from typing import Any
 
-__all__ = ["REDACTED", "redact_url", "register_secret", "scrub"]
+__all__ = ["REDACTED", "redact_url", "register_secret", "scrub", "scrub_values"]
 
 REDACTED = "<redacted>"
 
@@ -92,6 +93,14 @@ def redact_url(url: str) -> str:
     """The URL without its query string: a presigned URL's query is the credential."""
     base, sep, _ = url.partition("?")
     return base + (f"?{REDACTED}" if sep else "")
+
+
+def scrub_values(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: :func:`scrub` on every string value (and exception text), before the line is rendered."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = scrub(value)
+    return event_dict
 
 
 def scrub(text: str, extra: Iterable[str] = ()) -> str:
