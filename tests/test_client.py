@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,3 +120,48 @@ async def test_a_small_body_changed_since_its_check_is_cut_before_its_last_byte(
     with pytest.raises(SourceChanged, match="changed after it was checked"):
         await client.put_file(ticket.upload_url, path, size=4096, sha256=digest)
     assert emulator.uploads == []
+
+
+async def test_a_small_body_replaced_by_a_fifo_does_not_block_the_event_loop(
+    client: Client, emulator: Emulator, tmp_path: Path
+) -> None:
+    # Found by review: checked as a 4 KiB regular file, then replaced by a FIFO nobody writes to before its PUT; the
+    # small body's open() on the loop blocked until a writer came, and the whole daemon (heartbeat, watchdog, SIGTERM,
+    # every other upload) stood still. It is opened non-blocking and read only while it is a regular file.
+    data = b"a,b\n" + b"1,2\n" * 1023
+    path = tmp_path / "small.csv"
+    digest = hashlib.sha256(data).hexdigest()
+    os.mkfifo(path)
+    ticket = await client.request_upload(KEY, "small.csv")
+
+    def late_writer() -> None:  # lets the test end either way: a writer after 2 s, which writes nothing
+        time.sleep(2.0)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader holds the FIFO open (the daemon never waited on it)
+            return
+        os.close(fd)
+
+    writer = threading.Thread(target=late_writer, daemon=True)
+    writer.start()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.1)
+    try:
+        with pytest.raises(SourceChanged):
+            await client.put_file(ticket.upload_url, path, size=len(data), sha256=digest)
+    finally:
+        await asyncio.sleep(0.2)  # the ticker records the gap it is in
+        tick.cancel()
+        writer.join(5)
+    assert emulator.uploads == []
+    assert max(gaps) < 0.5, f"the event loop stood still for {max(gaps):.2f} s on a FIFO's open"
