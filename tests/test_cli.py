@@ -23,6 +23,7 @@ import pytest
 from retrain_uploader.admin import PROBE_JOB_ID
 from retrain_uploader.config import DEFAULT_CONFIG_PATH, Settings
 from retrain_uploader.emulator import Emulator
+from retrain_uploader.history import display_width
 from retrain_uploader.ledger import AFTER_UPLOAD, Ledger, State
 
 from .conftest import KEYS, Daemon, drop, wait_for
@@ -519,6 +520,10 @@ async def test_demo_once_uploads_the_samples_and_prints_the_ledger(tmp_path: Pat
     assert len(results) == 3 and all("result in done/" in line for line in results), result.out
     assert {line.split()[2] for line in ledger} == {"churn.csv", "sales-2026-11.zip", "来店予測.csv"}
     assert "the emulator received 3 upload(s)" in result.out
+    # columns line up in a terminal: the retrain_job_id column starts at the same cell on every row (来店予測 is
+    # eight cells wide, not four)
+    starts = {display_width(line[: line.index(line.split()[3])]) for line in ledger}
+    assert len(starts) == 1, result.out
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .emulator import Emulator
+from .history import display_width
 from .ledger import AFTER_UPLOAD, Ledger
 from .service import Service
 
@@ -106,7 +107,7 @@ def _show(settings: Settings, emulator: Emulator) -> None:
     print(f"  {'id':>3}  {'state':<10} {'upload_filename':<24} {'retrain_job_id':<38} {'bytes':>7}  moved to")
     for job in jobs:
         print(
-            f"  {job.id:>3}  {job.state:<10} {job.upload_filename:<24} {job.retrain_job_id or '-':<38} "
+            f"  {job.id:>3}  {job.state:<10} {_cells(job.upload_filename, 24)} {job.retrain_job_id or '-':<38} "
             f"{job.size_bytes or 0:>7}  {', '.join(job.moved_to)}"
         )
         if job.result_path:
@@ -115,4 +116,9 @@ def _show(settings: Settings, emulator: Emulator) -> None:
             print(f"       error: {job.error}")
     print(f"\nthe emulator received {len(emulator.uploads)} upload(s):")
     for upload in emulator.uploads:
-        print(f"  {upload.filename:<24} {upload.size:>7} bytes  sha256 {upload.sha256[:16]}…")
+        print(f"  {_cells(upload.filename, 24)} {upload.size:>7} bytes  sha256 {upload.sha256[:16]}…")
+
+
+def _cells(text: str, width: int) -> str:
+    """``text`` padded to ``width`` terminal cells: a Japanese name's characters take two each."""
+    return text + " " * max(0, width - display_width(text))
