@@ -5,6 +5,7 @@ files checked inline; a reject whose record failed was never offered again)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,25 @@ async def test_a_reject_the_ledger_could_not_record_is_recorded_once_there_is_ro
         # rescan_s is 0.5 s: a few rescans with room on the disk
         [job] = await d.closed_jobs(1, timeout=8)
     assert str(job.state) == "failed" and not (d.inbox() / "link.csv").is_symlink()
+
+
+def _hex_rows(mib: int) -> bytes:
+    """A CSV of about ``mib`` MiB that deflate cannot shrink much (random hex), so zipping it takes a while."""
+    lines = [b"%s,%d" % (os.urandom(20).hex().encode(), i) for i in range(50_000)]  # ~2.3 MiB
+    block = b"\n".join(lines) + b"\n"
+    return b"key,n\n" + block * max(1, mib * 1024 * 1024 // len(block))
+
+
+async def test_a_file_dropped_while_a_large_pair_is_zipped_does_not_wait_for_it(start_daemon) -> None:
+    # Checks run in threads one at a time (the event loop's GIL turns), but in two lanes: a file of a few hundred KB
+    # dropped while a large pair is being checked and zipped is checked at once, not after the pair.
+    d = await start_daemon(pool={"workers": 4, "shutdown_grace_s": 5})
+    train = _hex_rows(48)
+    with capture_logs() as logs:
+        drop(d.inbox(), "big.eval.csv", train[: 1 << 20].rsplit(b"\n", 1)[0] + b"\n")
+        drop(d.inbox(), "big.train.csv", train)
+        await wait_for(lambda: [j for j in d.jobs() if str(j.state) == "packaging"], 10, "the pair being packaged")
+        drop(d.inbox(), "small.csv", _hex_rows(1)[: 300 * 1024].rsplit(b"\n", 1)[0] + b"\n")
+        await d.closed_jobs(2, timeout=40)
+    packaged = [e["file"] for e in logs if e["event"] == "job.packaged"]
+    assert packaged == ["small.csv", "big.zip"], packaged

@@ -194,10 +194,11 @@ class Runner:
         # Set on shutdown: a job finishes the step it is in, and starts no new one (no new remote job, no new PUT);
         # packaging, which can take minutes for a large pair, is stopped at its next chunk.
         self._cancel = threading.Event()
-        # Checks and zips are Python work that holds the GIL: run in threads side by side they gain nothing (one core's
-        # worth at most) and starve the event loop, which must win the GIL back after every syscall (found by review:
-        # four Shift_JIS checks at once held it 375 ms). One at a time, the loop takes turns with one thread.
-        self._checking = asyncio.Semaphore(_CHECKS_AT_ONCE)
+        # Checks and zips are Python work that holds the GIL: run in threads side by side they gain little and starve
+        # the event loop, which must win the GIL back after every syscall (found by review: four Shift_JIS checks at
+        # once held it 375 ms; one at a time ~100 ms). One lane for large sources, one for the rest: a small file is
+        # never kept waiting behind a gigabyte being zipped, and at most two check threads run.
+        self._checking = {large: asyncio.Semaphore(1) for large in (False, True)}
 
     @property
     def stopping(self) -> bool:
@@ -279,7 +280,7 @@ class Runner:
                 if small:
                     pkg = self._build(job, model, rules)
                 else:
-                    async with self._checking:
+                    async with self._checking[_total_size(before) > _LARGE_BYTES]:
                         pkg = await asyncio.to_thread(self._build, job, model, rules)
                 after = source_identities(model.inbox, job.sources)
             except packager.Cancelled:
@@ -815,7 +816,7 @@ class Runner:
 # KB) and its close's renames too. Small enough that the slowest check there is stays short: 256 KiB of plain UTF-8
 # take ~0.6 ms, but of Shift_JIS ~115 ms (found by review: 4 workers held the loop 375 ms), i.e. 8 KiB ~4 ms.
 _INLINE_BYTES = 8 * 1024
-_CHECKS_AT_ONCE = 1  # see Runner._checking
+_LARGE_BYTES = 8 * 1024 * 1024  # sources beyond this are checked in the large lane (Runner._checking)
 
 
 def _total_size(identities: Mapping[str, list[int]]) -> int:
