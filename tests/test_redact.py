@@ -62,6 +62,14 @@ SIG_VALUE = "5ec2e7Zq9"  # stands for a signature, credential or token value
         ("x-amz-security-token: 5ec2e7Zq9\n", "x-amz-security-token: <redacted>\n"),
         ('{"X-Amz-Signature": "5ec2e7Zq9", "n": 1}', '{"X-Amz-Signature": "<redacted>", "n": 1}'),
         ("{'sig': '5ec2e7Zq9'}", "{'sig': '<redacted>'}"),
+        # a credential in a repr or a quoted assignment (seen by review: leaked before)
+        ("Proxy(user='u', password='5ec2e7Zq9')", "Proxy(user='u', password='<redacted>')"),
+        ('token="5ec2e7Zq9" next', 'token="<redacted>" next'),
+        ('"error": "proxy password=\\"5ec2e7Zq9\\""', '"error": "proxy password=\\"<redacted>\\""'),
+        # an Authorization header's credentials after its scheme, in a header, a dict's repr or JSON
+        ("Authorization: Bearer 5ec2e7Zq9", "Authorization: Bearer <redacted>"),
+        ("{'Proxy-Authorization': 'Basic 5ec2e7Zq9'}", "{'Proxy-Authorization': 'Basic <redacted>'}"),
+        ('{"authorization": "5ec2e7Zq9"}', '{"authorization": "<redacted>"}'),
     ],
 )
 def test_every_spelling_of_a_signature_parameter_is_scrubbed(text: str, expected: str) -> None:
@@ -76,6 +84,7 @@ def test_every_spelling_of_a_signature_parameter_is_scrubbed(text: str, expected
         "design=final signal=9 SignedHeaders=host Expires=9 X-Amz-Date=20261201 filename=sig.csv",
         'the signature we calculated does not match; "token": 3',
         "https://api.example/v1/retrain/0f3a",
+        "basic validation passed; a bearer of news; authorization failed",
     ],
 )
 def test_look_alikes_are_kept(text: str) -> None:

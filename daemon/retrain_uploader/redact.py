@@ -37,10 +37,12 @@ _CREDENTIAL_NAMES = (
     r"signature|sig|credentials?|security[-_]?token|token|access[-_]?key[-_]?id|access[-_]?id|key[-_]?pair[-_]?id"
     r"|api[-_]?key|secret|password"
 )
-# name=value in its spellings: `=`, percent-encoded once or twice, JSON `\u003d`, HTML `&#61;`, or a quoted key
-# with a quoted value (`"sig": "…"`, `'sig': '…'`, `\"sig\": \"…\"`; `"token": 3` stays valid JSON) or a header
-# (`x-amz-security-token: …`).
-_SEPARATOR = r"=|%3d|%253d|\\{1,2}u003d|&#0*61;|&#x0*3d;|\\{0,2}[\"'][ \t]*:[ \t]*\\{0,2}[\"']|[ \t]*:[ \t]*"
+# name=value in its spellings: `=` (a quoted value too: `password='…'` in a repr), percent-encoded once or twice,
+# JSON `\u003d`, HTML `&#61;`, or a quoted key with a quoted value (`"sig": "…"`, `'sig': '…'`, `\"sig\": \"…\"`;
+# `"token": 3` stays valid JSON) or a header (`x-amz-security-token: …`).
+_SEPARATOR = (
+    r"=\\{0,2}[\"']?|%3d|%253d|\\{1,2}u003d|&#0*61;|&#x0*3d;|\\{0,2}[\"'][ \t]*:[ \t]*\\{0,2}[\"']|[ \t]*:[ \t]*"
+)
 # A value ends where the next parameter starts (`&`, `&amp;`, `%26`, `\u0026`), or at whitespace, a control
 # character (a terminal colour code), a quote, a backslash, `<>`, `,` `;` `#` `|` or a closing bracket.
 # Signatures are hex or base64, which contain none of these.
@@ -52,12 +54,20 @@ _PARAM = re.compile(
     re.IGNORECASE,
 )
 
+# An Authorization or Proxy-Authorization header's credentials, after its scheme (`Bearer`, `Basic`, ...), in a header,
+# a dict's repr or JSON. A value already replaced is matched whole, so a second pass leaves the scheme alone.
+_AUTHORIZATION = re.compile(
+    r"(?P<head>(?<![A-Za-z0-9_-])(?:proxy-)?authorization\\{0,2}[\"']?[ \t]*[:=][ \t]*\\{0,2}[\"']?"
+    r"(?:(?:bearer|basic|digest|negotiate|token)[ \t]+)?)(?:" + re.escape(REDACTED) + "|" + _VALUE + ")",
+    re.IGNORECASE,
+)
+
 # Every pattern above and below needs one of these: a line without any (most log lines) skips them all. Looked for
 # as substrings of the case-folded text, not by one IGNORECASE regex (12 us on a 250-character line, against 1.5 us).
 # The folding matches what IGNORECASE does for these letters: casefold() takes U+017F (long s) to s and U+212A
 # (Kelvin) to k; the two the patterns also take for i, U+0131 (dotless) and U+0130 (dotted capital, folded to i and a
 # combining dot), are mapped to i.
-_KEYWORDS = ("sig", "credential", "token", "access", "key", "secret", "password", "http", "://")
+_KEYWORDS = ("sig", "credential", "token", "access", "key", "secret", "password", "authorization", "http", "://")
 
 
 def _maybe_secret(text: str) -> bool:
@@ -110,6 +120,7 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
     """
     if _maybe_secret(text):
         text = _PARAM.sub(rf"\g<name>\g<sep>{REDACTED}", text)  # first: a URL query may end at an escaped `&`
+        text = _AUTHORIZATION.sub(rf"\g<head>{REDACTED}", text)
         text = _USERINFO.sub(rf"\g<head>{REDACTED}@", text)
         text = _URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
         text = _ENCODED_URL_QUERY.sub(rf"\g<base>\g<sep>{REDACTED}", text)
