@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from retrain_uploader.redact import redact_url, register_secret, scrub
+from retrain_uploader.redact import redact_url, register_secret, scrub, scrub_values
 
 SIG_VALUE = "5ec2e7Zq9"  # stands for a signature, credential or token value
 
@@ -152,3 +152,18 @@ def test_a_line_is_scrubbed_whatever_case_its_parameter_name_takes(name: str) ->
                       ensure_ascii=False)
     out = scrub(line)
     assert SIG_VALUE not in out and json.loads(out)["error"] == f"failed: {name}=<redacted>&b=1"
+
+
+@given(
+    st.lists(
+        st.lists(st.one_of(st.sampled_from(_SECRET_BEARING + _ODD + _SEPARATORS), st.text(max_size=6)), max_size=6),
+        max_size=5,
+    )
+)
+def test_scrubbing_a_lines_values_together_changes_each_as_scrubbing_it_alone(values: list[list[str]]) -> None:
+    # scrub_values looks at all of a line's values at once (joined by newlines) and scrubs each only if that found
+    # something: never a value left as it was that scrubbing it alone would have changed.
+    event: dict[str, object] = {f"k{i}": "".join(parts) for i, parts in enumerate(values)}
+    event["n"] = 3
+    expected = {key: scrub(value) if isinstance(value, str) else value for key, value in event.items()}
+    assert scrub_values(None, "info", dict(event)) == expected
