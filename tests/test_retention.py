@@ -162,23 +162,29 @@ def test_the_newest_reference_header_of_each_inbox_and_model_survives(tmp_path: 
     assert after == before
 
 
+def _old_failed_jobs(ledger: Ledger, count: int) -> None:
+    """``count`` failed jobs of alpha, 40 days old, with 4 events and a 300-byte error each, in one transaction (a few
+    thousand in milliseconds)."""
+    at = iso(NOW - 40 * DAY)
+    with ledger._db:
+        ledger._db.execute("BEGIN")
+        for n in range(count):
+            job_id = ledger._db.execute(
+                "INSERT INTO jobs (model, kind, name, sources, upload_filename, state, error, closed, created_at,"
+                " updated_at, inbox) VALUES ('alpha', 'csv', ?, '[]', ?, 'failed', ?, 1, ?, ?, '/in/alpha')",
+                (f"f{n}", f"f{n}.csv", "x" * 300, at, at),
+            ).lastrowid
+            ledger._db.executemany(
+                "INSERT INTO job_events (job_id, at, event, detail) VALUES (?, ?, 'state', ?)",
+                [(job_id, at, '{"state": "x"}')] * 4,
+            )
+
+
 def test_pruning_goes_in_batches_and_gives_the_space_back(tmp_path: Path) -> None:
     path, clock = tmp_path / "ledger.sqlite3", Clock(NOW)
     with Ledger(path, clock=clock) as ledger:
         assert ledger._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental: a new ledger
-        at = iso(NOW - 40 * DAY)
-        with ledger._db:  # one transaction: 2,500 jobs in milliseconds
-            ledger._db.execute("BEGIN")
-            for n in range(2500):
-                job_id = ledger._db.execute(
-                    "INSERT INTO jobs (model, kind, name, sources, upload_filename, state, error, closed, created_at,"
-                    " updated_at, inbox) VALUES ('alpha', 'csv', ?, '[]', ?, 'failed', ?, 1, ?, ?, '/in/alpha')",
-                    (f"f{n}", f"f{n}.csv", "x" * 300, at, at),
-                ).lastrowid
-                ledger._db.executemany(
-                    "INSERT INTO job_events (job_id, at, event, detail) VALUES (?, ?, 'state', ?)",
-                    [(job_id, at, '{"state": "x"}')] * 4,
-                )
+        _old_failed_jobs(ledger, 2500)
         keep = make_job(ledger, clock, age_days=1, state=State.FAILED).id
         ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         pages_before = ledger._db.execute("PRAGMA page_count").fetchone()[0]
@@ -523,19 +529,7 @@ def test_the_example_config_documents_the_retention_keys(tmp_path: Path) -> None
 def _settled_jobs(path: Path, count: int) -> int:
     """``count`` failed jobs, 40 days old, with events and a long error each; returns the page count after."""
     with Ledger(path) as ledger:
-        at = iso(NOW - 40 * DAY)
-        ledger._db.execute("BEGIN")
-        for n in range(count):
-            job_id = ledger._db.execute(
-                "INSERT INTO jobs (model, kind, name, sources, upload_filename, state, error, closed, created_at,"
-                " updated_at, inbox) VALUES ('alpha', 'csv', ?, '[]', ?, 'failed', ?, 1, ?, ?, '/in/alpha')",
-                (f"f{n}", f"f{n}.csv", "x" * 300, at, at),
-            ).lastrowid
-            ledger._db.executemany(
-                "INSERT INTO job_events (job_id, at, event, detail) VALUES (?, ?, 'state', ?)",
-                [(job_id, at, '{"state": "x"}')] * 4,
-            )
-        ledger._db.execute("COMMIT")
+        _old_failed_jobs(ledger, count)
         ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(ledger._db.execute("PRAGMA page_count").fetchone()[0])
 
