@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +151,28 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """The loop's default executor, counting what is handed to it (each one a thread hop)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+async def thread_hops() -> AsyncIterator[CountingExecutor]:
+    """The running loop's default executor replaced by one that counts what it is handed: a test asserts how many
+    thread hops its code took."""
+    executor = CountingExecutor()
+    asyncio.get_running_loop().set_default_executor(executor)
+    yield executor
+    executor.shutdown()
 
 
 def fill_disk(disk: Path) -> Path:

@@ -7,16 +7,14 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from retrain_uploader.client import ApiError, Client, SourceChanged, TransportError
 from retrain_uploader.emulator import Emulator
 
-from .conftest import KEYS
+from .conftest import KEYS, CountingExecutor
 
 KEY = next(iter(KEYS))
 
@@ -82,29 +80,16 @@ async def test_nothing_listening_is_a_transport_error(tmp_path: Path) -> None:
         await c.close()
 
 
-class CountingExecutor(ThreadPoolExecutor):
-    """The loop's default executor, counting what is handed to it (each one a thread hop)."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=2)
-        self.submitted = 0
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        self.submitted += 1
-        return super().submit(fn, *args, **kwargs)
-
-
-async def test_a_small_body_is_sent_without_a_thread_hop(client: Client, emulator: Emulator, tmp_path: Path) -> None:
+async def test_a_small_body_is_sent_without_a_thread_hop(
+    client: Client, emulator: Emulator, tmp_path: Path, thread_hops: CountingExecutor
+) -> None:
     # Its open, reads and close went to a thread each: about 350 us of CPU for a file of a few KB.
     path, digest = big_file(tmp_path, 4096)
     ticket = await client.request_upload(KEY, "small.csv")
-    executor = CountingExecutor()
-    asyncio.get_running_loop().set_default_executor(executor)
     await client.put_file(ticket.upload_url, path, size=4096, sha256=digest)
-    assert executor.submitted == 0
+    assert thread_hops.submitted == 0
     [upload] = emulator.uploads
     assert (upload.sha256, upload.size, upload.content_length_header) == (digest, 4096, 4096)
-    executor.shutdown()
 
 
 @pytest.mark.parametrize("change", ["other bytes", "grown"])

@@ -3,26 +3,13 @@ slow (a staging zip to delete, an error file to write, large sources) in a threa
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from retrain_uploader.closer import close_job_off_loop
 from retrain_uploader.ledger import Ledger, State
 from retrain_uploader.packager import source_identities
 
-
-class CountingExecutor(ThreadPoolExecutor):
-    """The loop's default executor, counting what is handed to it (each one a thread hop)."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=2)
-        self.submitted = 0
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        self.submitted += 1
-        return super().submit(fn, *args, **kwargs)
+from .conftest import CountingExecutor
 
 
 def uploaded_job(ledger: Ledger, inbox: Path, name: str, size: int) -> int:
@@ -32,35 +19,29 @@ def uploaded_job(ledger: Ledger, inbox: Path, name: str, size: int) -> int:
     return job.id
 
 
-async def test_a_small_job_is_closed_by_renames_on_the_loop(tmp_path: Path) -> None:
+async def test_a_small_job_is_closed_by_renames_on_the_loop(tmp_path: Path, thread_hops: CountingExecutor) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    executor = CountingExecutor()
-    asyncio.get_running_loop().set_default_executor(executor)
     with Ledger(tmp_path / "l.db") as ledger:
         small = uploaded_job(ledger, inbox, "small.csv", 4096)
         large = uploaded_job(ledger, inbox, "large.csv", 300 << 10)
         closed = await close_job_off_loop(ledger, ledger.get(small), inbox)
-        assert executor.submitted == 0
+        assert thread_hops.submitted == 0
         assert closed.closed and closed.moved_to == ("done/small.csv",)
         assert (inbox / "done" / "small.csv").exists() and not (inbox / "small.csv").exists()
         # large sources (a rename may still meet a bind mount, and fall back to a copy): in a thread, as before
         closed = await close_job_off_loop(ledger, ledger.get(large), inbox)
-        assert executor.submitted == 1
+        assert thread_hops.submitted == 1
         assert closed.closed and (inbox / "done" / "large.csv").exists()
-    executor.shutdown()
 
 
-async def test_a_failed_job_writes_its_error_file_in_a_thread(tmp_path: Path) -> None:
+async def test_a_failed_job_writes_its_error_file_in_a_thread(tmp_path: Path, thread_hops: CountingExecutor) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    executor = CountingExecutor()
-    asyncio.get_running_loop().set_default_executor(executor)
     with Ledger(tmp_path / "l.db") as ledger:
         job_id = uploaded_job(ledger, inbox, "bad.csv", 100)
         ledger.update(job_id, state=State.FAILED, error="bad", event="failed", detail={"hint": "fix it"})
         closed = await close_job_off_loop(ledger, ledger.get(job_id), inbox)
-        assert executor.submitted == 1  # an error file is written and fsync'd: not on the loop
+        assert thread_hops.submitted == 1  # an error file is written and fsync'd: not on the loop
         assert closed.closed and (inbox / "failed" / "bad.csv").exists()
         assert (inbox / "failed" / "bad.csv.error.json").exists()
-    executor.shutdown()
