@@ -567,19 +567,12 @@ class Ledger:
         model: str | None = None,
         limit: int | None = None,
     ) -> list[Job]:
-        sql = "SELECT * FROM jobs WHERE 1=1"
-        args: list[Any] = []
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(state)
+        where, args = _where(state=state, model=model)
         if states is not None:
             wanted = list(states)
-            sql += f" AND state IN ({', '.join('?' * len(wanted))})"
+            where += f" AND state IN ({', '.join('?' * len(wanted))})"
             args += wanted
-        if model is not None:
-            sql += " AND model = ?"
-            args.append(model)
-        sql += " ORDER BY id"
+        sql = "SELECT * FROM jobs" + where + " ORDER BY id"  # noqa: S608 -- fixed column names, placeholders
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
