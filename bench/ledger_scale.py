@@ -34,6 +34,9 @@ from typing import Any
 
 from retrain_uploader.ledger import SCHEMA_VERSION, Ledger, State
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import vm_hwm_kib  # noqa: E402 -- bench/run.py's, beside this script
+
 _BIN = Path(sys.executable).parent / "retrain-uploader"
 COMMAND = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "retrain_uploader.cli"]
 _ENV = {
@@ -220,17 +223,6 @@ def _wall(args: list[str], config: Path) -> float:
     return took
 
 
-def _hwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def jobs_json(config: Path) -> dict[str, float]:
     """`jobs --json` over the whole ledger: wall time, lines, and its peak RSS (VmHWM, read every 10 ms)."""
     started = time.monotonic()
@@ -241,7 +233,7 @@ def jobs_json(config: Path) -> dict[str, float]:
 
     def watch() -> None:
         while not stop.is_set():
-            kb = _hwm_kb(proc.pid)
+            kb = vm_hwm_kib(proc.pid)
             if kb is not None:
                 peak[0] = max(peak[0], kb)
             stop.wait(0.01)
@@ -252,7 +244,7 @@ def jobs_json(config: Path) -> dict[str, float]:
     assert proc.stdout is not None
     for chunk in iter(lambda: proc.stdout.read(1 << 20), b""):  # type: ignore[union-attr]
         lines += chunk.count(b"\n")
-        kb = _hwm_kb(proc.pid)
+        kb = vm_hwm_kib(proc.pid)
         if kb is not None:
             peak[0] = max(peak[0], kb)
     proc.wait()
