@@ -14,11 +14,11 @@ from typing import Any
 import structlog
 
 from .ledger import Job, Ledger, State
-from .mover import apply_moves, plan_moves, rename_no_replace, write_error_file
+from .mover import apply_moves, plan_moves, rename_no_replace, with_tag, write_error_file
 from .packager import moved_intact, source_identity
 from .watcher import DONE_DIR, FAILED_DIR
 
-__all__ = ["close_job", "close_job_off_loop", "drop_staged"]
+__all__ = ["close_job", "close_job_off_loop", "drop_staged", "taken_name"]
 
 log = structlog.get_logger("retrain_uploader.closer")
 
@@ -88,9 +88,9 @@ def _prepare(ledger: Ledger, job: Job, inbox: Path) -> tuple[Job, dict[str, Any]
 
 def _carry_out(job: Job, inbox: Path, failed_detail: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     """The file work of closing (no ledger access: this may run in a thread). Returns (missing, replaced)."""
-    mine, replaced = _still_ours(inbox, job)
-    missing = apply_moves(inbox, [job.sources[i] for i in mine], [job.moved_to[i] for i in mine])
-    replaced += _moved_back(inbox, job, mine)
+    mine, origins, replaced = _take(inbox, job)
+    moved_from = apply_moves(inbox, origins, [job.moved_to[i] for i in mine])
+    missing = [job.sources[i] for i, origin in zip(mine, origins, strict=True) if origin in moved_from]
     if failed_detail is not None:
         write_error_file(inbox / job.moved_to[-1], _error_content(job, failed_detail, missing, replaced))
     drop_staged(job)
@@ -124,43 +124,77 @@ def _record(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -
     return job
 
 
-def _still_ours(inbox: Path, job: Job) -> tuple[list[int], list[str]]:
-    """Indexes of the sources to move, and the names now held by another file than the one this job checked.
+def taken_name(job_id: int, index: int) -> str:
+    """The hidden name in the inbox a job's source is renamed to while it is closed (see :func:`_take`)."""
+    return f".retrain-uploader.job{job_id}.{index}.closing"
 
-    A source already at its target (a replay after a crash) is "ours" (apply_moves leaves it alone). Jobs from
-    before schema 3 recorded no identity: theirs are moved as before.
+
+def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str]]:
+    """The sources to move (their indexes, and the names to move them from), and the names now held by another file
+    than the one this job checked (left in the inbox: each becomes a job of its own).
+
+    Checking a name and then renaming it are two steps: a file renamed over the name between them would be moved as
+    this job's. So a source is first taken: renamed (atomically, whatever the name holds at that instant) to a hidden
+    name of this job's, and only the file taken is checked; one that is not the file this job checked is put back.
+    Nothing but the checked file ever reaches done/ or failed/, not even for a moment. A crash leaves the file at the
+    hidden name, where closing again finds it. Jobs from before schema 3 recorded no identity: theirs are moved as
+    before. A source already at its target (a replay after a crash) is left alone.
     """
     mine: list[int] = []
+    origins: list[str] = []
     replaced: list[str] = []
     for i, name in enumerate(job.sources):
         recorded = (job.source_ids or {}).get(name)
-        if recorded is None or os.path.lexists(inbox / job.moved_to[i]):
+        taken = taken_name(job.id, i)
+        if recorded is None:
             mine.append(i)
+            origins.append(name)
             continue
-        now = source_identity(inbox / name)
-        if now and now != recorded:
-            replaced.append(name)
+        if os.path.lexists(inbox / job.moved_to[i]):
+            if os.path.lexists(inbox / taken):  # a copy to another filesystem, cut off before it removed its source
+                mine.append(i)
+                origins.append(taken)
+            continue  # moved already; whatever stands at `name` now is a newer drop
+        if not os.path.lexists(inbox / taken):
+            now = source_identity(inbox / name)
+            if now and now != recorded:
+                replaced.append(name)
+                continue
+            if now:
+                try:
+                    os.rename(inbox / name, inbox / taken)
+                except FileNotFoundError:
+                    now = []
+            if not now:  # the user took it: apply_moves reports it missing
+                mine.append(i)
+                origins.append(name)
+                continue
+        if moved_intact(recorded, source_identity(inbox / taken)):
+            mine.append(i)
+            origins.append(taken)
         else:
-            mine.append(i)  # the checked file, or nothing (the user took it: reported as missing)
-    return mine, replaced
+            _put_back(inbox, job, name, taken)
+            replaced.append(name)
+    return mine, origins, replaced
 
 
-def _moved_back(inbox: Path, job: Job, moved: list[int]) -> list[str]:
-    """A file dropped in the instant between the identity check and the rename was moved by mistake: put it back."""
-    back: list[str] = []
-    for i in moved:
-        name, target = job.sources[i], job.moved_to[i]
-        recorded = (job.source_ids or {}).get(name)
-        now = source_identity(inbox / target)
-        if recorded is None or not now or moved_intact(recorded, now):
-            continue
+def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
+    """A file dropped in the instant between the check and the take: back under its name, or, should a newer drop
+    hold that name already, under ``NAME.jobN-restored.csv`` beside it (a job of its own, never lost)."""
+    error = ""
+    for back in (name, with_tag(name, f"job{job.id}-restored")):
         try:
-            rename_no_replace(inbox / target, inbox / name)
-        except OSError as e:
-            log.error("job.source_replaced_not_restored", **job.log_fields(), source=name, error=str(e))
+            rename_no_replace(inbox / taken, inbox / back)
+        except FileExistsError:
+            error = f"{back} is taken"
             continue
-        back.append(name)
-    return back
+        except OSError as e:
+            error = str(e)
+            break
+        if back != name:
+            log.warning("job.source_restored_as", **job.log_fields(), source=name, restored_as=back)
+        return
+    log.error("job.source_replaced_not_restored", **job.log_fields(), source=name, left_at=taken, error=error)
 
 
 def drop_staged(job: Job) -> None:

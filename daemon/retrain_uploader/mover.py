@@ -19,13 +19,13 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_moves", "plan_moves", "plan_result_name", "rename_no_replace", "write_error_file"]
+__all__ = ["apply_moves", "plan_moves", "plan_result_name", "rename_no_replace", "with_tag", "write_error_file"]
 
 _KNOWN_SUFFIXES = (".train.csv", ".eval.csv", ".csv", ".zip")
 _MAX_NAME_BYTES = 240
 
 
-def _with_tag(name: str, tag: str) -> str:
+def with_tag(name: str, tag: str) -> str:
     lower = name.lower()
     for suffix in _KNOWN_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):
@@ -51,7 +51,7 @@ def plan_moves(
     for name in sources:
         candidate = name if _fits(name) else f"{tag}.dropped"
         if os.path.lexists(folder / candidate):
-            candidate = _with_tag(candidate, tag)
+            candidate = with_tag(candidate, tag)
         targets.append(f"{dest}/{candidate}")
     if error_stem is not None:
         error_name = f"{error_stem}.error.json"
