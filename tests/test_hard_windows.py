@@ -26,9 +26,9 @@ def sha(data: str | bytes) -> str:
 async def test_done_symlinked_to_another_filesystem_keeps_the_file_in_done(
     start_daemon, emulator: Emulator, small_disk: Path
 ) -> None:
-    """Promise 10: done/ a symlink to another filesystem works. The closer's `_moved_back` compares the identity
-    (dev, inode, ...) of the *copy* in done/ with the inbox file's: always different across filesystems, so the
-    uploaded file is moved back into the inbox, logged as 'replaced' and taken again as a new job."""
+    """Promise 10: done/ a symlink to another filesystem works (once, the closer compared the identity (dev, inode,
+    ...) of the *copy* in done/ with the inbox file's, always different across filesystems, and moved the uploaded
+    file back into the inbox to be taken again as a new job)."""
     d0 = await start_daemon()
     inbox = d0.inbox()
     await d0.stop()
