@@ -121,3 +121,45 @@ async def test_inboxes_beyond_the_event_slots_are_polled_not_left_to_the_rescan(
         stop.set()
         await asyncio.gather(*tasks)
     assert sorted(taken) == [("a", "a.csv"), ("b", "b.csv"), ("c", "c.csv")]
+
+
+class Pokes:
+    """A member of the hub that counts its wake-ups (each one is a scan of the whole inbox in the daemon)."""
+
+    def __init__(self, inbox: Path) -> None:
+        self.inbox_path = str(inbox)
+        self.count = 0
+
+    def poke(self) -> None:
+        self.count += 1
+
+
+async def test_hidden_and_temporary_names_wake_no_scan(tmp_path: Path) -> None:
+    """A copy tool's hidden or temporary name, and the closer's take of a source (a rename to a hidden name for every
+    job), bring nothing to take: a scan for each would read a backlog's whole inbox once per job."""
+    hub = WatchHub(WatchSettings(settle_s=0.05, rescan_s=30), event_slots=2)
+    quiet, marker = tmp_path / "quiet", tmp_path / "marker"
+    quiet.mkdir()
+    marker.mkdir()
+    members = [Pokes(quiet), Pokes(marker)]
+    for member in members:
+        hub.add(member)
+    stop = asyncio.Event()
+    task = asyncio.create_task(hub.run(stop))
+    try:
+        await wait_for(lambda: inotify_fds() >= 1 and all(m.count for m in members), what="the watch set up")
+        before = members[0].count
+        for name in (".a.csv.incoming", "b.csv.part", "c.csv.tmp", "d.csv~"):
+            (quiet / name).write_text("a,b\n1,2\n")
+        os.rename(quiet / ".a.csv.incoming", quiet / ".retrain-uploader.job1.0.closing")
+        (quiet / "b.csv.part").unlink()
+        # Events come in order from the one inotify instance: once the marker's is routed, so were the quiet ones.
+        marked = members[1].count
+        (marker / "m.csv").write_text("a,b\n1,2\n")
+        await wait_for(lambda: members[1].count > marked, what="the marker's event")
+        assert members[0].count == before, "a hidden or temporary name woke a scan"
+        (quiet / "e.csv").write_text("a,b\n1,2\n")
+        await wait_for(lambda: members[0].count > before, what="a visible name's event")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

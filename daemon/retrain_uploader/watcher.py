@@ -22,7 +22,7 @@ from typing import TypeVar
 import structlog
 
 from .config import WatchSettings
-from .watchhub import WatchHub
+from .watchhub import WatchHub, is_ignored
 
 __all__ = [
     "DONE_DIR",
@@ -43,7 +43,6 @@ log = structlog.get_logger("retrain_uploader.watcher")
 
 DONE_DIR = "done"
 FAILED_DIR = "failed"
-IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 # The daemon's own folders: at the inbox's top level these names are never files to take or reject, whatever they
 # are (a folder, or a symbolic link to an archive folder elsewhere).
 OWN_FOLDERS = frozenset({DONE_DIR, FAILED_DIR})
@@ -73,11 +72,6 @@ class Plan:
     candidates: tuple[Candidate, ...] = ()
     halves: tuple[str, ...] = ()  # one side of a pair, waiting for its partner
     rejects: tuple[Reject, ...] = ()
-
-
-def is_ignored(name: str) -> bool:
-    """Hidden files and the temporary names that copy tools and editors use."""
-    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
 def printable_name(name: str) -> str:

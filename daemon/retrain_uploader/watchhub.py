@@ -24,7 +24,7 @@ import watchfiles
 from .config import WatchSettings
 from .policy import backoff_delay
 
-__all__ = ["WatchHub", "Watched", "folder_identity", "is_limit_error"]
+__all__ = ["IGNORED_SUFFIXES", "WatchHub", "Watched", "folder_identity", "is_ignored", "is_limit_error"]
 
 log = structlog.get_logger("retrain_uploader.watcher")
 
@@ -57,6 +57,14 @@ class _WatchStop:
 
     def set(self) -> None:
         self._again = True
+
+
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden files and the temporary names that copy tools and editors use."""
+    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
 def folder_identity(path: str) -> tuple[int, int] | None:
@@ -168,8 +176,11 @@ class WatchHub:
     def _route(self, changes: Iterable[tuple[watchfiles.Change, str]]) -> None:
         woken: set[str] = set()
         for change, changed in changes:
-            if change == watchfiles.Change.deleted and os.path.dirname(changed) in self._by_path:
-                # A file gone from an inbox (most often a job's own move to done/) brings nothing to take: no scan
+            if os.path.dirname(changed) in self._by_path and (
+                change == watchfiles.Change.deleted or is_ignored(os.path.basename(changed))
+            ):
+                # A file gone from an inbox (most often a job's own move to done/), or a hidden or temporary one (a
+                # copy tool's name before its rename, the closer's take of a source) brings nothing to take: no scan
                 # (each one reads the whole inbox, and a backlog of thousands closes one job at a time).
                 continue
             for path in (os.path.dirname(changed), changed):  # a file in an inbox, or the inbox itself
