@@ -20,6 +20,31 @@ def test_wal_full_sync_and_schema_version(tmp_path: Path) -> None:
         assert ledger._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_commit_not_flushed_survives_a_kill_9_and_leaves_the_connection_at_full(tmp_path: Path) -> None:
+    """``durable=False`` skips the fsync of one commit (a power cut may lose it, never a process crash): a child makes
+    such a commit and is killed at once (SIGKILL, no clean close); the parent reads it. A failed relaxed write leaves
+    the connection at FULL too."""
+    path = tmp_path / "l.db"
+    with Ledger(path) as ledger:
+        job = make_job(ledger)
+    child = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from retrain_uploader.ledger import Ledger, State\n"
+        "ledger = Ledger(Path(sys.argv[1]), lock=True)\n"
+        f"ledger.update({job.id}, state=State.REQUESTING, retrain_job_id='r1', durable=False)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, timeout=60)
+    assert done.returncode == -9, done.stderr.decode()
+    with Ledger(path) as ledger:
+        assert ledger.get(job.id).retrain_job_id == "r1"
+        with pytest.raises(StaleJob):
+            ledger.update(job.id, retrain_job_id="r2", expect_state=State.QUEUED, durable=False)
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert ledger.get(job.id).retrain_job_id == "r1"
+
+
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.db") as ledger:
         ledger._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")

@@ -53,13 +53,18 @@ async def test_a_small_file_costs_seven_commits_and_each_leaves_a_state_a_restar
     view = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     seen: list[tuple[Any, ...] | None] = []
     commits = 0
+    flushed: list[bool] = []  # per commit: made with synchronous=FULL (fsync'd), or NORMAL (written, not flushed)
+    full = True
 
     def trace(sql: str) -> None:
-        nonlocal commits
+        nonlocal commits, full
         if sql.startswith("BEGIN"):
             seen.append(_state(view))  # what the previous commit left: the daemon's next write has not begun
+        elif sql.startswith("PRAGMA synchronous="):
+            full = sql == "PRAGMA synchronous=FULL"
         elif sql == "COMMIT":
             commits += 1
+            flushed.append(full)
 
     d.service.ledger._db.set_trace_callback(trace)  # the daemon's one connection (the test looks inside on purpose)
     try:
@@ -71,6 +76,7 @@ async def test_a_small_file_costs_seven_commits_and_each_leaves_a_state_a_restar
 
         await wait_for(retraining, 10, "the job closed and its retraining seen")
         seen.append(_state(view))
+        sync_after = d.service.ledger._db.execute("PRAGMA synchronous").fetchone()[0]
     finally:
         d.service.ledger._db.set_trace_callback(None)
         await d.stop()
@@ -87,5 +93,9 @@ async def test_a_small_file_costs_seven_commits_and_each_leaves_a_state_a_restar
         ("retraining",  0, 1, 1, 1, 1, 1, 1),  # the tracker's first status answer
     ], after_each_commit
     assert commits == 7
+    # Flushed: put_started before the first byte, and the move plan before the renames (a restart could not do
+    # without either). The others a restart does again if a power cut loses them; a flushed commit flushes them too.
+    assert flushed == [False, False, False, True, True, False, False]
+    assert sync_after == 2  # FULL again after each
     assert len(emulator.uploads) == 1
     assert (d.inbox() / "done" / "a.csv").read_text() == CSV

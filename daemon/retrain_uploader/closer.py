@@ -109,8 +109,15 @@ def _record(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -
     # in the same commit that closes the job.
     kept = [("" if name in replaced else target) for name, target in zip(job.sources, job.moved_to, strict=False)]
     moved_to = kept + list(job.moved_to[len(job.sources) :])
+    # Not flushed (durable=False): lost to a power cut, the job is closed again from its plan (durable), which finds
+    # every file already moved.
     job = ledger.update(
-        job.id, moved_to=moved_to, closed=1, event="closed", detail={"moved_to": moved_to, "replaced": replaced or None}
+        job.id,
+        moved_to=moved_to,
+        closed=1,
+        event="closed",
+        detail={"moved_to": moved_to, "replaced": replaced or None},
+        durable=False,
     )
     log.info(
         "job.closed",

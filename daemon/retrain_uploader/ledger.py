@@ -1,6 +1,11 @@
 """The SQLite ledger: one row per job, every state change committed before the next step begins.
 
-WAL with ``synchronous=FULL``: a commit is on disk when it returns, so a power cut loses no acknowledged step.
+WAL with ``synchronous=FULL``: a commit is on disk when it returns. A few commits of a job's way are made with
+``durable=False`` (``synchronous=NORMAL`` for that one commit: written, not flushed): each records a step that a restart
+does again when a power cut loses it, before anything outside the ledger depends on it. The next durable commit
+flushes them too (the WAL is one file, recovered as a prefix), and every commit a restart could not do without (the
+``put_started`` mark before the first byte of a PUT, a move plan before its renames) is durable. A kill -9 loses none
+of them: only a power cut or a kernel crash drops unflushed writes.
 The daemon's one connection is used from the event loop; each statement is a short indexed write.
 """
 
@@ -502,27 +507,35 @@ class Ledger:
                 self._db.execute(f"PRAGMA user_version = {version + 1}")
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, durable: bool = True) -> Iterator[None]:
         """One transaction for every write made inside: one commit (one fsync) instead of one per call, and all of
         them or none on disk after a crash. Only for steps that do nothing outside the ledger in between (no request,
-        no rename): a commit that must precede such an effect is made before ``batch`` or after it."""
-        with self._tx():
+        no rename): a commit that must precede such an effect is made before ``batch`` or after it.
+
+        ``durable=False``: not flushed to disk at its commit (see the module's docstring for when that is right)."""
+        with self._tx(durable=durable):
             yield
 
     @contextmanager
-    def _tx(self) -> Iterator[None]:
+    def _tx(self, *, durable: bool = True) -> Iterator[None]:
         if self._db.in_transaction:  # inside batch(): its commit is this write's
             yield
             return
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield
-            except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk, damage)
-                    self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk, damage)
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as e:
             if not is_corruption(e):
                 raise
@@ -663,9 +676,10 @@ class Ledger:
         event: str | None = None,
         detail: Any = None,
         expect_state: State | None = None,
+        durable: bool = True,
         **fields: Any,
     ) -> Job:
-        """Set ``fields`` on a job (and log an event) in one transaction.
+        """Set ``fields`` on a job (and log an event) in one transaction (``durable``: see :meth:`batch`).
 
         With ``expect_state`` the change is made only if the job is still in that state (another process — the CLI's
         ``switch`` — may have moved it on); otherwise :class:`StaleJob` is raised and nothing changes.
@@ -681,7 +695,7 @@ class Ledger:
         if expect_state is not None:
             sql += " AND state = ?"
             args.append(expect_state)
-        with self._tx():
+        with self._tx(durable=durable):
             rows = self._db.execute(sql + " RETURNING *", args).fetchall()  # the row as changed: no second read
             if not rows:
                 if expect_state is not None:

@@ -303,8 +303,9 @@ class Runner:
                 self._enter_packaging(job)
             raise
         # Packaged and claimed in one commit: the claim only reads the ledger, and a kill -9 before it finds the job
-        # queued (packaged again) as it found it packaged-but-unclaimed before (claimed at the next start).
-        with self.ledger.batch():
+        # queued (packaged again) as it found it packaged-but-unclaimed before (claimed at the next start). Not flushed
+        # (durable=False): lost to a power cut, the job is packaged and claimed again; nothing was sent yet.
+        with self.ledger.batch(durable=False):
             if deferred:
                 self._enter_packaging(job)
             job = self.ledger.update(
@@ -393,6 +394,8 @@ class Runner:
         ticket = await self.client.request_upload(model.api_key, job.upload_filename)
         self._tickets[job.id] = ticket
         previous = job.retrain_job_id
+        # Not flushed (durable=False): lost to a power cut, the restart asks for another URL (as after a kill -9 here);
+        # the commit of put_started, durable, flushes this one before any byte is sent.
         job = self.ledger.update(
             job.id,
             retrain_job_id=ticket.retrain_job_id,
@@ -400,6 +403,7 @@ class Runner:
             put_started=0,
             event="upload_url",
             detail={"retrain_job_id": ticket.retrain_job_id, "abandoned": previous},
+            durable=False,
         )
         log.info(
             "upload.url_received",

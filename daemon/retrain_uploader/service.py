@@ -499,7 +499,8 @@ class Service:
     def _record_takes(self) -> None:
         takes, self._intake = self._intake, []
         try:
-            with self.ledger.batch():
+            # Not flushed (durable=False): a take lost to a power cut is a file still in its inbox, taken again.
+            with self.ledger.batch(durable=False):
                 jobs = [
                     self.ledger.create_job(
                         model=model,

@@ -345,6 +345,8 @@ class RetrainTracker:
             event="retrain_status",
             detail={"status": status.status, "message": message},
             expect_state=job.state,
+            # A retraining under way, lost to a power cut, is polled again; an end is flushed (durable).
+            durable=state is not State.RETRAINING,
         )
         event = {State.FINISHED: "retrain.finished", State.RETRAIN_FAILED: "retrain.failed"}.get(
             state, "retrain.status"
