@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -219,3 +220,29 @@ async def daemons(tmp_path: Path) -> AsyncIterator[Callable[[Path], DaemonProces
     for daemon in made:
         await daemon.close()
 
+
+# -- the instant between a check and a rename ----------------------------------------------------------------------
+# A user's rename over a source can land between the closer's look at it and its rename. Python's audit hooks run
+# just before each os.rename / os.link syscall: there a test can drop a new file into exactly that instant, with real
+# files and no change to the code under test. The hook is process-wide and cannot be removed: it does nothing unless
+# a test has armed it.
+armed: list[Callable[[str, str, str], None]] = []
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if armed and event in {"os.rename", "os.link"}:
+        armed[0](event, os.fsdecode(args[0]), os.fsdecode(args[1]))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def before_renames() -> Iterator[list[Callable[[str, str, str], None]]]:
+    if not getattr(sys, "_retrain_closer_audit", False):
+        sys.addaudithook(_audit)
+        sys._retrain_closer_audit = True  # type: ignore[attr-defined]
+    yield armed
+    armed.clear()
+
+
+def done_contents(inbox: Path) -> set[bytes]:
+    done = inbox / "done"
+    return {p.read_bytes() for p in done.iterdir() if p.is_file()} if done.is_dir() else set()

@@ -4,8 +4,7 @@ slow (a staging zip to delete, an error file to write, large sources) in a threa
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from retrain_uploader.closer import close_job, close_job_off_loop, taken_name
 from retrain_uploader.ledger import Ledger, State
 from retrain_uploader.packager import source_identities
 
-from .conftest import CountingExecutor
+from .conftest import CountingExecutor, armed, done_contents, drop
 
 
 def uploaded_job(ledger: Ledger, inbox: Path, name: str, size: int) -> int:
@@ -52,38 +51,7 @@ async def test_a_failed_job_writes_its_error_file_in_a_thread(tmp_path: Path, th
         assert (inbox / "failed" / "bad.csv.error.json").exists()
 
 
-# -- the instant between checking a source and moving it ---------------------------------------------------------------
-# A user's rename over a source can land between the closer's look at it and its rename. Python's audit hooks run
-# just before each os.rename / os.link syscall: there a test can drop a new file into exactly that instant, with real
-# files and no change to the code under test. The hook is process-wide and cannot be removed: it does nothing unless
-# a test has armed it.
-_armed: list[Callable[[str, str, str], None]] = []
-
-
-def _audit(event: str, args: tuple[object, ...]) -> None:
-    if _armed and event in {"os.rename", "os.link"}:
-        _armed[0](event, os.fsdecode(args[0]), os.fsdecode(args[1]))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def before_renames() -> Iterator[list[Callable[[str, str, str], None]]]:
-    if not getattr(sys, "_retrain_closer_audit", False):
-        sys.addaudithook(_audit)
-        sys._retrain_closer_audit = True  # type: ignore[attr-defined]
-    yield _armed
-    _armed.clear()
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """What a copy tool does: write under a hidden name, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.incoming")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _done_contents(inbox: Path) -> set[bytes]:
-    done = inbox / "done"
-    return {p.read_bytes() for p in done.iterdir() if p.is_file()} if done.is_dir() else set()
+# -- the instant between checking a source and moving it (the `before_renames` fixture: tests/conftest.py) --------
 
 
 def test_a_file_dropped_between_the_check_and_the_move_never_reaches_done(
@@ -99,16 +67,16 @@ def test_a_file_dropped_between_the_check_and_the_move_never_reaches_done(
     def hook(event: str, src: str, dst: str) -> None:
         if not seen_in_done and event == "os.rename" and src == str(inbox / "c.csv"):
             seen_in_done.append(set())  # disarmed before our own rename (which is audited too)
-            _replace(inbox / "c.csv", newer)
+            drop(inbox, "c.csv", newer)
         elif seen_in_done:
-            seen_in_done.append(_done_contents(inbox))
+            seen_in_done.append(done_contents(inbox))
 
     with Ledger(tmp_path / "l.db") as ledger:
         job_id = uploaded_job(ledger, inbox, "c.csv", 160)
         before_renames.append(hook)
         closed = close_job(ledger, ledger.get(job_id), inbox)
         before_renames.clear()
-        seen_in_done.append(_done_contents(inbox))
+        seen_in_done.append(done_contents(inbox))
         assert len(seen_in_done) > 1, "the rename was never reached: the test did not test the window"
         assert all(newer not in seen for seen in seen_in_done), "the new file was in done/"
         assert (inbox / "c.csv").read_bytes() == newer, "the new drop is not back under its name"
@@ -132,9 +100,9 @@ def test_a_second_drop_during_the_put_back_keeps_both_new_files(
         take = len(drops) == 2 and event == "os.rename" and src == str(inbox / "c.csv")
         put_back = len(drops) == 1 and event == "os.link" and dst == str(inbox / "c.csv")
         if take or put_back:
-            _armed.clear()  # our own rename is audited too
-            _replace(inbox / "c.csv", drops.pop(0))
-            _armed.append(hook)
+            armed.clear()  # our own rename is audited too
+            drop(inbox, "c.csv", drops.pop(0))
+            armed.append(hook)
 
     with Ledger(tmp_path / "l.db") as ledger:
         job_id = uploaded_job(ledger, inbox, "c.csv", 160)
@@ -143,7 +111,7 @@ def test_a_second_drop_during_the_put_back_keeps_both_new_files(
         before_renames.clear()
         assert drops == [], "the hook did not reach both instants"
         assert closed.closed and closed.moved_to == ("",)
-        assert _done_contents(inbox) == set()
+        assert done_contents(inbox) == set()
         assert (inbox / "c.csv").read_bytes() == third
         assert (inbox / "c.job1-restored.csv").read_bytes() == second
 
@@ -160,13 +128,15 @@ def test_a_crash_after_the_take_is_finished_by_closing_again(tmp_path: Path, our
         (inbox / "done").mkdir()
         checked = (inbox / "c.csv").read_bytes()
         if not ours:
-            _replace(inbox / "c.csv", b"a,b\n7,7\n")
-        os.rename(inbox / "c.csv", inbox / taken_name(job_id, 0))
+            drop(inbox, "c.csv", b"a,b\n7,7\n")
+        assert job.source_ids is not None
+        taken = inbox / taken_name(job_id, 0, job.source_ids["c.csv"])
+        os.rename(inbox / "c.csv", taken)
         closed = close_job(ledger, job, inbox)
-        assert not (inbox / taken_name(job_id, 0)).exists()
+        assert not taken.exists()
         if ours:
             assert closed.moved_to == ("done/c.csv",) and (inbox / "done" / "c.csv").read_bytes() == checked
             assert not (inbox / "c.csv").exists()
         else:
-            assert closed.moved_to == ("",) and _done_contents(inbox) == set()
+            assert closed.moved_to == ("",) and done_contents(inbox) == set()
             assert (inbox / "c.csv").read_bytes() == b"a,b\n7,7\n"

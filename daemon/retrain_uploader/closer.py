@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from .ledger import Job, Ledger, State
-from .mover import apply_moves, plan_moves, rename_no_replace, with_tag, write_error_file
+from .mover import apply_moves, fits, plan_moves, rename_no_replace, with_tag, write_error_file
 from .packager import moved_intact, source_identity
 from .watcher import DONE_DIR, FAILED_DIR
 
@@ -88,9 +88,9 @@ def _prepare(ledger: Ledger, job: Job, inbox: Path) -> tuple[Job, dict[str, Any]
 
 def _carry_out(job: Job, inbox: Path, failed_detail: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     """The file work of closing (no ledger access: this may run in a thread). Returns (missing, replaced)."""
-    mine, origins, replaced = _take(inbox, job)
-    moved_from = apply_moves(inbox, origins, [job.moved_to[i] for i in mine])
-    missing = [job.sources[i] for i, origin in zip(mine, origins, strict=True) if origin in moved_from]
+    mine, origins, replaced, missing = _take(inbox, job)
+    gone = apply_moves(inbox, origins, [job.moved_to[i] for i in mine])
+    missing += [job.sources[i] for i, origin in zip(mine, origins, strict=True) if origin in gone]
     if failed_detail is not None:
         write_error_file(inbox / job.moved_to[-1], _error_content(job, failed_detail, missing, replaced))
     drop_staged(job)
@@ -131,14 +131,17 @@ def _record(ledger: Ledger, job: Job, missing: list[str], replaced: list[str]) -
     return job
 
 
-def taken_name(job_id: int, index: int) -> str:
-    """The hidden name in the inbox a job's source is renamed to while it is closed (see :func:`_take`)."""
-    return f".retrain-uploader.job{job_id}.{index}.closing"
+def taken_name(job_id: int, index: int, recorded: list[int]) -> str:
+    """The hidden name in the inbox a job's source is renamed to while it is closed (see :func:`_take`).
+
+    It holds the inode the job checked: a file left at such a name (by a crash under an earlier ledger whose job ids
+    were the same) keeps that inode in use, so no file this job checked can have it, and the names never meet."""
+    return f".retrain-uploader.job{job_id}.{index}.{recorded[1]}.closing"
 
 
-def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str]]:
-    """The sources to move (their indexes, and the names to move them from), and the names now held by another file
-    than the one this job checked (left in the inbox: each becomes a job of its own).
+def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str], list[str]]:
+    """The sources to move (their indexes, and the names to move them from), the names now held by another file than
+    the one this job checked (left in the inbox: each becomes a job of its own), and the sources that are gone.
 
     Checking a name and then renaming it are two steps: a file renamed over the name between them would be moved as
     this job's. So a source is first taken: renamed (atomically, whatever the name holds at that instant) to a hidden
@@ -150,13 +153,14 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str]]:
     mine: list[int] = []
     origins: list[str] = []
     replaced: list[str] = []
+    missing: list[str] = []
     for i, name in enumerate(job.sources):
         recorded = (job.source_ids or {}).get(name)
-        taken = taken_name(job.id, i)
-        if recorded is None:
+        if recorded is None or len(recorded) < 4:
             mine.append(i)
             origins.append(name)
             continue
+        taken = taken_name(job.id, i, recorded)
         if os.path.lexists(inbox / job.moved_to[i]):
             if os.path.lexists(inbox / taken):  # a copy to another filesystem, cut off before it removed its source
                 mine.append(i)
@@ -167,14 +171,14 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str]]:
             if now and now != recorded:
                 replaced.append(name)
                 continue
-            if now:
-                try:
-                    os.rename(inbox / name, inbox / taken)
-                except FileNotFoundError:
-                    now = []
-            if not now:  # the user took it: apply_moves reports it missing
-                mine.append(i)
-                origins.append(name)
+            try:
+                if not now:
+                    raise FileNotFoundError(name)
+                os.rename(inbox / name, inbox / taken)
+            except FileNotFoundError:
+                # The user took it. Never handed to a move by its name: a file dropped there meanwhile is not this
+                # job's to move.
+                missing.append(name)
                 continue
         if moved_intact(recorded, source_identity(inbox / taken)):
             mine.append(i)
@@ -182,17 +186,24 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str]]:
         else:
             _put_back(inbox, job, name, taken)
             replaced.append(name)
-    return mine, origins, replaced
+    return mine, origins, replaced, missing
 
 
 def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
     """A file dropped in the instant between the check and the take: back under its name, or, should a newer drop
     hold that name already, under ``NAME.jobN-restored.csv`` beside it (a job of its own, never lost)."""
+    restored = with_tag(name, f"job{job.id}-restored")
+    if not fits(restored):
+        restored = f"job{job.id}-restored.csv"
     error = ""
-    for back in (name, with_tag(name, f"job{job.id}-restored")):
+    for back in (name, restored):
         try:
             rename_no_replace(inbox / taken, inbox / back)
         except FileExistsError:
+            if _same_entry(inbox / taken, inbox / back):
+                # A kill -9 between the put-back's link and its unlink: it is back already.
+                (inbox / taken).unlink()
+                return
             error = f"{back} is taken"
             continue
         except OSError as e:
@@ -202,6 +213,14 @@ def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
             log.warning("job.source_restored_as", **job.log_fields(), source=name, restored_as=back)
         return
     log.error("job.source_replaced_not_restored", **job.log_fields(), source=name, left_at=taken, error=error)
+
+
+def _same_entry(a: Path, b: Path) -> bool:
+    try:
+        x, y = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
 def drop_staged(job: Job) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_moves", "plan_moves", "plan_result_name", "rename_no_replace", "with_tag", "write_error_file"]
+__all__ = ["apply_moves", "fits", "plan_moves", "plan_result_name", "rename_no_replace", "with_tag", "write_error_file"]
 
 _KNOWN_SUFFIXES = (".train.csv", ".eval.csv", ".csv", ".zip")
 _MAX_NAME_BYTES = 240
@@ -33,7 +33,7 @@ def with_tag(name: str, tag: str) -> str:
     return f"{name}.{tag}"
 
 
-def _fits(name: str) -> bool:
+def fits(name: str) -> bool:
     return name.isprintable() and len(name.encode("utf-8", "surrogateescape")) <= _MAX_NAME_BYTES
 
 
@@ -49,17 +49,17 @@ def plan_moves(
     targets: list[str] = []
     tag = f"job{job_id}"
     for name in sources:
-        candidate = name if _fits(name) else f"{tag}.dropped"
+        candidate = name if fits(name) else f"{tag}.dropped"
         if os.path.lexists(folder / candidate):
             candidate = with_tag(candidate, tag)
         targets.append(f"{dest}/{candidate}")
     if error_stem is not None:
         error_name = f"{error_stem}.error.json"
-        if not _fits(error_name):
+        if not fits(error_name):
             error_name = f"{tag}.error.json"
         if os.path.lexists(folder / error_name):
             error_name = (
-                f"{error_stem}.{tag}.error.json" if _fits(f"{error_stem}.{tag}.error.json") else f"{tag}.error.json"
+                f"{error_stem}.{tag}.error.json" if fits(f"{error_stem}.{tag}.error.json") else f"{tag}.error.json"
             )
         targets.append(f"{dest}/{error_name}")
     return targets
@@ -73,9 +73,9 @@ def plan_result_name(
     folder = inbox / dest
     folder.mkdir(exist_ok=True)
     name = f"{stem}.result.zip"
-    if not _fits(name) or os.path.lexists(folder / name) or folder / name in claimed:
+    if not fits(name) or os.path.lexists(folder / name) or folder / name in claimed:
         name = (
-            f"{stem}.job{job_id}.result.zip" if _fits(f"{stem}.job{job_id}.result.zip") else f"job{job_id}.result.zip"
+            f"{stem}.job{job_id}.result.zip" if fits(f"{stem}.job{job_id}.result.zip") else f"job{job_id}.result.zip"
         )
     return folder / name
 
