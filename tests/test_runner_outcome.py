@@ -421,3 +421,21 @@ async def test_a_restart_after_a_rename_resumes_the_old_model_s_job_under_the_ne
         assert (inbox / "done" / "a.csv").exists()
     finally:
         await d.close()
+
+
+async def test_a_file_dropped_over_a_held_name_becomes_a_job_as_soon_as_the_first_closes(
+    start_daemon: Callable[..., Any], emulator: Emulator
+) -> None:
+    """Its own event came while the name was held (the scan passed it over), and the close leaves it alone: the
+    release of the name wakes a scan, so it does not wait for the periodic rescan (30 s here). Found by review."""
+    old, new = _table(41), _table(42, rows=6)
+    emulator.inject("put", "slow", delay_s=1.0)
+    d = await start_daemon(watch={"settle_s": 0.05, "rescan_s": 30})
+    inbox = d.inbox()
+    drop(inbox, "a.csv", old)
+    await wait_for(lambda: any(r.endpoint == "put" for r in emulator.requests), what="the first PUT under way")
+    drop(inbox, "a.csv", new)  # a corrected file, renamed over the held name while the PUT runs
+    await d.closed_jobs(1, timeout=20)
+    jobs = await d.closed_jobs(2, timeout=10)  # well before the 30 s rescan
+    assert emulator.upload_count_by_sha() == {_sha(old): 1, _sha(new): 1}
+    assert [j.state in AFTER_UPLOAD for j in jobs] == [True, True]

@@ -7,6 +7,7 @@ the same moves.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -191,12 +192,15 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str], list[
 
 def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
     """A file dropped in the instant between the check and the take: back under its name, or, should a newer drop
-    hold that name already, under ``NAME.jobN-restored.csv`` beside it (a job of its own, never lost)."""
-    restored = with_tag(name, f"job{job.id}-restored")
-    if not fits(restored):
-        restored = f"job{job.id}-restored.csv"
-    error = ""
-    for back in (name, restored):
+    hold that name already, under ``NAME.jobN-restored.csv`` beside it (a job of its own, never lost).
+
+    When it cannot be put back (a full filesystem: the put-back is a link), OSError: the job is not closed, and
+    closing it again later (``job.close_failed``) finds the file at the hidden name and tries again."""
+    names = [name]
+    for tag in (f"job{job.id}-restored", f"job{job.id}-restored-{os.lstat(inbox / taken).st_ino}"):
+        restored = with_tag(name, tag)
+        names.append(restored if fits(restored) else f"{tag}.csv")
+    for back in names:
         try:
             rename_no_replace(inbox / taken, inbox / back)
         except FileExistsError:
@@ -204,15 +208,11 @@ def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
                 # A kill -9 between the put-back's link and its unlink: it is back already.
                 (inbox / taken).unlink()
                 return
-            error = f"{back} is taken"
             continue
-        except OSError as e:
-            error = str(e)
-            break
         if back != name:
             log.warning("job.source_restored_as", **job.log_fields(), source=name, restored_as=back)
         return
-    log.error("job.source_replaced_not_restored", **job.log_fields(), source=name, left_at=taken, error=error)
+    raise FileExistsError(errno.EEXIST, f"cannot put back a file dropped as {name}: its names are taken", taken)
 
 
 def _same_entry(a: Path, b: Path) -> bool:

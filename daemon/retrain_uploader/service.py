@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import random
 import signal
 import time
@@ -544,9 +545,15 @@ class Service:
 
     def _release(self, job: Job, ctx: ModelContext) -> None:
         inbox = job.inbox or inbox_key(ctx.inbox)
+        back = False
         for name in job.sources:
             if self._taken.get((inbox, name)) == job.id:
                 del self._taken[(inbox, name)]
+                # A file under a released name (dropped over it while the job held it: its event was passed over
+                # then) is taken now, not at the next periodic rescan.
+                back = back or os.path.lexists(ctx.inbox / name)
+        if back:
+            self.watch_hub.poke(str(ctx.inbox))
 
     async def _reject(self, model: str, reject: Reject) -> None:
         job = self.runner.reject(self.models[model], reject.name, reject.reason)

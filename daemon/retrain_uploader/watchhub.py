@@ -190,9 +190,10 @@ class WatchHub:
             else:  # a path we cannot place: wake everyone rather than miss a file
                 woken.update(self._by_path)
         for path in woken:
-            self._poke(path)
+            self.poke(path)
 
-    def _poke(self, path: str) -> None:
+    def poke(self, path: str) -> None:
+        """Wake the watchers of the inbox at ``path`` (a scan soon), as an event in it would."""
         for watched in self._by_path.get(path, ()):
             watched.poke()
 
@@ -225,7 +226,7 @@ class WatchHub:
             # A new watch saw nothing of what happened before it: scan every inbox once it is set up (watchfiles
             # sets it up before its first await, so the scanners run after that).
             for path in paths:
-                self._poke(path)
+                self.poke(path)
             try:
                 async for changes in watchfiles.awatch(
                     *present,
@@ -265,7 +266,7 @@ class WatchHub:
                         failures_in_a_row=failures,
                     )
                 for path in paths:  # what the failed watch would have reported is lost
-                    self._poke(path)
+                    self.poke(path)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
             else:
