@@ -5,7 +5,6 @@ ledger's job of the same id, and a kill -9 inside the put-back. Real files, a re
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -159,49 +158,40 @@ def test_kill_9_inside_the_put_back_leaves_one_file_for_one_drop(tmp_path: Path)
 
 
 def test_a_put_back_on_a_full_filesystem_keeps_the_job_open_until_it_can(
-    tmp_path: Path, before_renames: list[Callable[[str, str, str], None]]
+    tmp_path: Path, small_disk: Path, before_renames: list[Callable[[str, str, str], None]]
 ) -> None:
     """The take is a rename; the put-back a link, which a full filesystem can refuse (tmpfs counts an inode per
     link). The close then fails (OSError: the service logs job.close_failed and closes it again later); the new drop
     waits at the hidden name, and the next close, with space back, puts it back. Found by review: the first version
     closed the job and left the file hidden for good."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(disk)],
-                             capture_output=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(mounted.stderr.decode())
-    try:
-        inbox = disk / "inbox"
-        inbox.mkdir()
-        newer = b"a,b\n5,5\n"
-        fillers: list[Path] = []
+    disk = small_disk
+    subprocess.run(["mount", "-o", "remount,nr_inodes=64", str(disk)], check=True)
+    inbox = disk / "inbox"
+    inbox.mkdir()
+    newer = b"a,b\n5,5\n"
+    fillers: list[Path] = []
 
-        def hook(event: str, src: str, dst: str) -> None:
-            if event == "os.rename" and src == str(inbox / "c.csv") and dst.endswith(".closing"):
-                armed.clear()
-                drop(inbox, "c.csv", newer)  # a new drop lands in the instant before the take
-                for i in range(1000):  # and the filesystem fills up
-                    try:
-                        (disk / f"fill{i}").touch()
-                    except OSError:
-                        break
-                    fillers.append(disk / f"fill{i}")
+    def hook(event: str, src: str, dst: str) -> None:
+        if event == "os.rename" and src == str(inbox / "c.csv") and dst.endswith(".closing"):
+            armed.clear()
+            drop(inbox, "c.csv", newer)  # a new drop lands in the instant before the take
+            for i in range(1000):  # and the filesystem fills up
+                try:
+                    (disk / f"fill{i}").touch()
+                except OSError:
+                    break
+                fillers.append(disk / f"fill{i}")
 
-        with Ledger(tmp_path / "l.db") as ledger:
-            job_id = uploaded_job(ledger, inbox, "c.csv", 160)
-            before_renames.append(hook)
-            with pytest.raises(OSError, match="No space left"):
-                close_job(ledger, ledger.get(job_id), inbox)
-            before_renames.clear()
-            assert fillers and not ledger.get(job_id).closed
-            for f in fillers:
-                f.unlink()  # space is back
-            closed = close_job(ledger, ledger.get(job_id), inbox)
-            assert closed.closed and closed.moved_to == ("",)
-            assert (inbox / "c.csv").read_bytes() == newer
-            assert _hidden(inbox) == [] and done_contents(inbox) == set()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    with Ledger(tmp_path / "l.db") as ledger:
+        job_id = uploaded_job(ledger, inbox, "c.csv", 160)
+        before_renames.append(hook)
+        with pytest.raises(OSError, match="No space left"):
+            close_job(ledger, ledger.get(job_id), inbox)
+        before_renames.clear()
+        assert fillers and not ledger.get(job_id).closed
+        for f in fillers:
+            f.unlink()  # space is back
+        closed = close_job(ledger, ledger.get(job_id), inbox)
+        assert closed.closed and closed.moved_to == ("",)
+        assert (inbox / "c.csv").read_bytes() == newer
+        assert _hidden(inbox) == [] and done_contents(inbox) == set()
