@@ -406,6 +406,7 @@ class Ledger:
         self.on_damage: Callable[[LedgerDamaged], object] | None = None
         self._clock = clock
         self._lock_fd: int | None = None
+        self._flushing: bool | None = True  # whether commits are flushed now: synchronous=FULL (see _tx)
         if read_only:
             # `status`, `jobs`, `status --check`: never create, migrate, lock or write (a monitoring user may only
             # be able to read the ledger; a backup may hold its write lock).
@@ -522,20 +523,18 @@ class Ledger:
             yield
             return
         try:
-            if not durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
+            if durable is not self._flushing:  # set only when it changes: a run of commits of one kind sets it once
+                self._flushing = None  # unknown until the pragma has run
+                self._db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self._flushing = durable
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                except BaseException:
-                    if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk, damage)
-                        self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
+                yield
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk, damage)
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             if not is_corruption(e):
                 raise
