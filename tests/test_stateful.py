@@ -277,6 +277,9 @@ class ExactlyOnce(RuleBasedStateMachine):
             return self.loop.call(lambda: sum(r.endpoint == "put" and r.dropped for r in emulator.requests))
 
         before = lost()
+        # Faults queued by earlier steps go first (a queue per endpoint): a `put slow` would take this PUT and leave
+        # the drop waiting for a PUT that never comes. Cleared, so that this file's PUT is the one whose answer is lost.
+        self.loop.call(emulator.clear_faults)
         self.loop.call(lambda: emulator.inject("put", "drop", after_body=True))
         if hang_status:
             self.loop.call(lambda: emulator.inject("status", "hang"))
