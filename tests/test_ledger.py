@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 
-from retrain_uploader.ledger import SCHEMA_VERSION, Ledger, LedgerLocked, StaleJob, State
+from retrain_uploader.ledger import SCHEMA_VERSION, Job, Ledger, LedgerLocked, StaleJob, State
+
+
+def _claimed(claim: object) -> bool:
+    """A claim that went through returns the job as claimed: `requesting`."""
+    return isinstance(claim, Job) and claim.state is State.REQUESTING
 
 
 def make_job(ledger: Ledger, name: str = "a", model: str = "m"):
@@ -84,13 +89,13 @@ def test_claim_content_detects_duplicates_per_model(tmp_path: Path) -> None:
         first, second, other_model = make_job(ledger, "a"), make_job(ledger, "b"), make_job(ledger, "c", model="n")
         for j in (first, second, other_model):
             ledger.update(j.id, content_sha256="same")
-        assert ledger.claim_content(first.id, "m", "same") is None
+        assert _claimed(ledger.claim_content(first.id, "m", "same"))
         assert ledger.get(first.id).state is State.REQUESTING
         assert ledger.claim_content(second.id, "m", "same") == (first.id, True)  # in flight: try later
         assert ledger.get(second.id).state is State.QUEUED
         ledger.update(first.id, state=State.UPLOADED)
         assert ledger.claim_content(second.id, "m", "same") == (first.id, False)  # sent: a duplicate
-        assert ledger.claim_content(other_model.id, "n", "same") is None
+        assert _claimed(ledger.claim_content(other_model.id, "n", "same"))
 
 
 def test_compare_and_set_update(tmp_path: Path) -> None:
@@ -109,7 +114,7 @@ def test_failed_content_may_be_sent_again(tmp_path: Path) -> None:
         first, second = make_job(ledger, "a"), make_job(ledger, "b")
         ledger.update(first.id, content_sha256="h", state=State.FAILED)
         ledger.update(second.id, content_sha256="h")
-        assert ledger.claim_content(second.id, "m", "h") is None
+        assert _claimed(ledger.claim_content(second.id, "m", "h"))
 
 
 def test_one_daemon_per_ledger_and_the_lock_dies_with_its_holder(tmp_path: Path) -> None:
@@ -165,7 +170,7 @@ def _steps(ledger: Ledger, call: Callable[[], Any]) -> tuple[int, Any]:
 
 def _claim_steps(ledger: Ledger, job_id: int, content: str) -> int:
     steps, claim = _steps(ledger, lambda: ledger.claim_content(job_id, "m", content, inbox="/inbox"))
-    assert claim is None
+    assert _claimed(claim)
     return steps
 
 
@@ -229,3 +234,22 @@ def test_the_reference_header_is_found_in_the_same_few_steps_however_many_jobs_f
         assert steps(ledger, "m", "/inbox")[1] == (old, ("z",))
         assert steps(ledger, "m", "/nowhere")[1] == (old, ("z",))
         assert steps(ledger, "other-model", "/nowhere")[1] is None
+
+
+def test_the_writes_of_one_commit_share_one_instant(tmp_path: Path) -> None:
+    """An upload and the model's last success are one commit: one time, not two readings of a clock that may cross a
+    millisecond between them (test_crash compared them and failed 1 run in 15). A clock that moves 1 s per reading."""
+    ticks = iter(range(1_700_000_000, 1_800_000_000))
+    with Ledger(tmp_path / "l.db", clock=lambda: float(next(ticks))) as ledger:
+        job = make_job(ledger)
+        with ledger.batch():
+            at = ledger.now()
+            job = ledger.update(job.id, state=State.UPLOADED, uploaded_at=at, event="uploaded")
+            ledger.note_model("m", success=True)
+        assert job.uploaded_at == job.updated_at == at
+        assert [e["at"] for e in ledger.events(job.id)][-1] == at
+        assert ledger.models()["m"]["last_success_at"] == at
+        # Apart, each commit has its own time.
+        later = ledger.update(job.id, attempts=1)
+        assert later.updated_at > at
+        assert ledger.now() > later.updated_at

@@ -61,7 +61,8 @@ def test_counts_follow_every_insert_state_change_and_delete(tmp_path: Path) -> N
         ledger.update(jobs[0].id, state=State.PACKAGING)
         ledger.update(jobs[0].id, state=State.PACKAGING, attempts=2)  # no state change: no count moves
         ledger.update(jobs[1].id, state=State.FAILED, error="bad")
-        assert ledger.claim_content(jobs[3].id, "beta", "c0ffee") is None  # its own UPDATE of the state
+        claimed = ledger.claim_content(jobs[3].id, "beta", "c0ffee")  # its own UPDATE of the state
+        assert not isinstance(claimed, tuple) and claimed.state is State.REQUESTING
         assert ledger.counts() == _grouped(path)
         assert ledger.counts()["alpha"] == {"queued": 1, "packaging": 1, "failed": 1}
     db = sqlite3.connect(path)  # a prune deletes finished rows: the counts follow

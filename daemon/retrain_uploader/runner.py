@@ -211,9 +211,10 @@ class Runner:
         else:
             self._cancel.clear()
 
-    async def process(self, job_id: int, model: ModelContext) -> Outcome:
-        """Advance the job as far as it can go now."""
-        job = self.ledger.get(job_id)
+    async def process(self, job_id: int, model: ModelContext, job: Job | None = None) -> Outcome:
+        """Advance the job as far as it can go now (``job``: its row as just read, if the caller has it)."""
+        if job is None or job.id != job_id:
+            job = self.ledger.get(job_id)
         while True:
             if job.state.terminal:
                 await self._close(job, model)
@@ -306,10 +307,12 @@ class Runner:
         # queued (packaged again) as it found it packaged-but-unclaimed before (claimed at the next start). Not flushed
         # (durable=False): lost to a power cut, the job is packaged and claimed again; nothing was sent yet.
         with self.ledger.batch(durable=False):
-            if deferred:
-                self._enter_packaging(job)
+            if deferred:  # its event first, as if committed apart; the state itself is set by the update below
+                self.ledger.event(job.id, "state", {"state": "packaging"})
+            packaging: dict[str, Any] = {"state": State.PACKAGING} if deferred else {}
             job = self.ledger.update(
                 job.id,
+                **packaging,
                 sha256=pkg.sha256,
                 content_sha256=pkg.content_sha256,
                 size_bytes=pkg.size_bytes,
@@ -355,9 +358,9 @@ class Runner:
         ledger writes only, so it may run inside a batch."""
         assert job.content_sha256 is not None
         claim = self.ledger.claim_content(job.id, model.name, job.content_sha256, inbox=job.inbox)
-        if claim is None:
+        if isinstance(claim, Job):
             self._waits.pop(job.id, None)
-            return self.ledger.get(job.id)
+            return claim
         earlier, in_flight = claim
         if in_flight:
             # The same content is being sent by another job, which may still fail: decide once it has ended.

@@ -653,7 +653,7 @@ class Service:
             self._active.discard(job_id)
             return
         try:
-            outcome = await self.runner.process(job_id, ctx)
+            outcome = await self.runner.process(job_id, ctx, job)
         except OSError as e:
             # The inbox (done/, failed/) unwritable or full while moving: one line, not a traceback every retry.
             log.warning(
