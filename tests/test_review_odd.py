@@ -14,15 +14,13 @@ The read-only cases run the daemon as ``nobody`` (``setpriv``): root ignores ``c
 ``sitecustomize`` into the daemon that SIGKILLs it at its first rename into ``done/`` or ``failed/``: for a taken
 source that is right after the take (the file sits at the job's hidden ``.closing`` name).
 
-Defects found (strict xfail tests below), one cause: a reject whose name is not UTF-8 is moved by its real name only
-inside ``Runner.reject`` (runner.py:783-788); any later close of that job (after ``job.close_failed``, or after a
-restart) works from ``job.sources``, which hold the ``\\xff``-escaped name, so ``closer._take`` (closer.py:160) hands
-that name to ``apply_moves``, which finds nothing and the job is closed "missing":
-
-* read-only inbox: the file stays in the inbox for as long as the daemon runs (the watcher remembers it as handed
-  over, watcher.py:314), with an error file saying it is missing;
-* kill -9 before its move: the restart closes job 1 "missing" (error file says so) and rejects the same file again
-  as job 2: two jobs and two error files for one drop.
+Found by it and fixed: a reject whose name is not UTF-8 was moved by its real name only inside ``Runner.reject``; a
+later close of that job (after ``job.close_failed``, or after a restart) worked from ``job.sources``, which hold the
+``\\xff``-escaped name, and closed it "missing" (a read-only inbox: the file stuck in the inbox with a wrong error file;
+a kill -9: two jobs and two error files for one drop). Now the reject records the file's identity under the escaped
+name and every close takes it (``closer.on_disk_name`` finds the entry by that name and inode):
+``test_a_read_only_inbox_with_a_name_that_is_not_utf8_fails_it_once_writable`` and
+``test_kill_9_right_after_the_take_then_restart[not_utf8]``.
 """
 
 from __future__ import annotations
@@ -453,13 +451,6 @@ async def test_a_read_only_inbox_with_a_control_character_name_fails_it_once_wri
     assert r.top() == [b"done", b"failed"], r.context()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.reject (runner.py:783-792): a name that is not UTF-8 is moved by its real name only in reject(); "
-    "a close retried later (job.close_failed) works from job.sources, which hold the \\xff-escaped name: it finds "
-    "no such file, closes the job as 'missing', and the real file stays in the inbox, not rejected again while "
-    "the daemon runs (the watcher remembers it as handed over)",
-)
 async def test_a_read_only_inbox_with_a_name_that_is_not_utf8_fails_it_once_writable(
     rig: Callable[..., Rig], unprivileged: Path, emulator: Emulator, teardown_daemons: list[Rig]
 ) -> None:
@@ -549,18 +540,7 @@ KILL_CASES: dict[str, tuple[str | bytes, str | None]] = {
 }
 
 
-_NOT_UTF8_AFTER_KILL = pytest.mark.xfail(
-    strict=True,
-    reason="runner.reject (runner.py:783-788) moves a name that is not UTF-8 by its real name only once; the restart "
-    "closes the failed job from job.sources (the \\xff-escaped name, closer._take/_carry_out): 'missing', with an "
-    "error file saying so, and the scan rejects the same file again as a second job (two jobs, two error files "
-    "for one drop)",
-)
-
-
-@pytest.mark.parametrize(
-    "key", [pytest.param(k, marks=_NOT_UTF8_AFTER_KILL) if k == "not_utf8" else k for k in KILL_CASES]
-)
+@pytest.mark.parametrize("key", list(KILL_CASES))
 async def test_kill_9_right_after_the_take_then_restart(
     key: str, rig: Callable[..., Rig], emulator: Emulator, teardown_daemons: list[Rig], kill_hook: dict[str, str]
 ) -> None:

@@ -7,8 +7,10 @@ the same moves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import structlog
 from .ledger import Job, Ledger, State
 from .mover import apply_moves, fits, plan_moves, rename_no_replace, with_tag, write_error_file
 from .packager import moved_intact, source_identity
-from .watcher import DONE_DIR, FAILED_DIR
+from .watcher import DONE_DIR, FAILED_DIR, printable_name
 
 __all__ = ["close_job", "close_job_off_loop", "drop_staged", "taken_name"]
 
@@ -162,20 +164,23 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str], list[
             origins.append(name)
             continue
         taken = taken_name(job.id, i, recorded)
+        # A reject's name that is not UTF-8 is recorded as shown (escaped): the entry's own name is found for it.
+        entry = real_name(name) if job.kind == "reject" else name
         if os.path.lexists(inbox / job.moved_to[i]):
             if os.path.lexists(inbox / taken):  # a copy to another filesystem, cut off before it removed its source
                 mine.append(i)
                 origins.append(taken)
             continue  # moved already; whatever stands at `name` now is a newer drop
         if not os.path.lexists(inbox / taken):
-            now = source_identity(inbox / name)
+            entry = on_disk_name(inbox, name, recorded) if entry != name else name
+            now = source_identity(inbox / entry)
             if now and now != recorded:
                 replaced.append(name)
                 continue
             try:
                 if not now:
                     raise FileNotFoundError(name)
-                os.rename(inbox / name, inbox / taken)
+                os.rename(inbox / entry, inbox / taken)
             except FileNotFoundError:
                 # The user took it. Never handed to a move by its name: a file dropped there meanwhile is not this
                 # job's to move.
@@ -185,9 +190,37 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str], list[
             mine.append(i)
             origins.append(taken)
         else:
-            _put_back(inbox, job, name, taken)
+            _put_back(inbox, job, entry, taken)
             replaced.append(name)
     return mine, origins, replaced, missing
+
+
+def on_disk_name(inbox: Path, name: str, recorded: list[int]) -> str:
+    """The name in the inbox of a source recorded as ``name``: itself, or, for a name that is not UTF-8 (recorded as
+    shown, with ``\\xff`` escapes: the ledger holds text), the entry that shows as ``name`` and has the recorded inode.
+    Looked for only when ``name`` is not there and could be such an escape."""
+    if "\\x" not in name or os.path.lexists(inbox / name):
+        return name
+    guess = real_name(name)
+    with contextlib.suppress(OSError):
+        if os.lstat(inbox / guess).st_ino == recorded[1]:
+            return guess
+    with contextlib.suppress(OSError), os.scandir(inbox) as entries:  # escapes that were text in the name
+        for entry in entries:
+            if printable_name(entry.name) == name and entry.inode() == recorded[1]:
+                return entry.name
+    return name
+
+
+def real_name(shown: str) -> str:
+    """The name whose bytes :func:`printable_name` showed as ``shown`` (``\\xff`` escapes back to bytes), when that is
+    not UTF-8; else ``shown`` itself (its escapes were text)."""
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), shown.encode("utf-8"))
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(raw)
+    return shown
 
 
 def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:

@@ -28,7 +28,7 @@ from .closer import close_job, close_job_off_loop, drop_staged
 from .config import ModelSettings, Settings
 from .ledger import Job, Ledger, State, TrackedRow
 from .metrics import Metrics
-from .mover import apply_moves, plan_moves
+from .mover import plan_moves
 from .outcome import Arrived, KeyRefused, NotArrived, PauseModel, RemoteJobGone, decide, read_answer
 from .packager import source_identities
 from .policy import Fail, Pause, RenewUrl, Retry, backoff_delay, classify
@@ -775,10 +775,12 @@ class Runner:
                 upload_filename=shown,
                 inbox=inbox_key(model.inbox),
             )
+            # Its identity: if its close must wait (a full disk, a read-only inbox) and the entry is replaced
+            # meanwhile, the new one is not moved out as this one. A name that is not UTF-8 is recorded as shown;
+            # closing finds the entry by that and by this identity (closer.on_disk_name).
+            ident = source_identities(model.inbox, [name])
+            self.ledger.update(job.id, source_ids={shown: ident[name]} if name in ident else {})
             if shown == name:
-                # Its identity: if its close must wait (a full disk) and the entry is replaced meanwhile, the new one
-                # is not moved out as this one.
-                self.ledger.update(job.id, source_ids=source_identities(model.inbox, [name]))
                 job = self._fail(job, f"{name!r} was not taken: {reason}", _HINTS["reject"])
             else:
                 hint = f"Give it a UTF-8 name and drop it again: it is failed/job{job.id}.dropped now."
@@ -787,7 +789,6 @@ class Runner:
             if shown != name:
                 targets = plan_moves(model.inbox, [name], FAILED_DIR, job_id=job.id, error_stem=shown)
                 job = self.ledger.update(job.id, moved_to=targets)
-                apply_moves(model.inbox, [name], targets[:1])  # gone meanwhile: closing reports it missing
             return close_job(self.ledger, job, model.inbox)  # nothing staged for a reject
         except OSError as e:
             # A full disk, say: the job is recorded (failed, not closed); the caller closes it again later.
