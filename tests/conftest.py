@@ -204,6 +204,15 @@ def drop(inbox: Path, name: str, content: bytes | str, encoding: str = "utf-8") 
     return target
 
 
+def sitecustomize_env(folder: Path, code: str) -> dict[str, str]:
+    """Environment for a child Python that runs ``code`` at start-up (a ``sitecustomize`` in ``folder``, put first on
+    its PYTHONPATH): how a test puts an audit hook into a real daemon process without touching its code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": f"{folder}{os.pathsep}{path}" if path else str(folder)}
+
+
 @pytest.fixture
 async def daemons(tmp_path: Path) -> AsyncIterator[Callable[[Path], DaemonProcess]]:
     """Makes daemon processes (real `retrain-uploader run`); at teardown every one still alive is killed and reaped."""

@@ -46,7 +46,7 @@ from retrain_uploader.emulator import Emulator
 
 from . import _proc
 from ._proc import DaemonProcess, LedgerView, write_config
-from .conftest import wait_for
+from .conftest import sitecustomize_env, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -527,11 +527,7 @@ if os.environ.get("ODD_REVIEW_KILL") == "first-move":
 @pytest.fixture
 def kill_hook(tmp_path: Path) -> dict[str, str]:
     """Environment that makes the daemon SIGKILL itself just before its first rename into done/ or failed/."""
-    site = tmp_path / "odd-site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    path = os.environ.get("PYTHONPATH")
-    return {"ODD_REVIEW_KILL": "first-move", "PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site)}
+    return {"ODD_REVIEW_KILL": "first-move", **sitecustomize_env(tmp_path / "odd-site", _SITECUSTOMIZE)}
 
 
 KILL_CASES: dict[str, tuple[str | bytes, str | None]] = {

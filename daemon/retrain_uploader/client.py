@@ -26,6 +26,7 @@ from yarl import URL
 
 from .bandwidth import TokenBucket, WindowClosed
 from .checks import InputError
+from .mover import link_no_replace
 from .network import PROXY_AUTH_FAILED, Network, describe_failure
 from .redact import redact_url, scrub
 from .retry_after import parse_retry_after
@@ -545,12 +546,18 @@ class Client:
             detail = "timed out waiting for the storage server"
             raise TransportError("put", detail, body_complete=payload.last_byte_handed_over) from None
 
-    async def download(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
+    async def download(
+        self, url: str, dest: Path, *, max_bytes: int | None = None, part: Path | None = None
+    ) -> int:
         """Stream ``url`` into ``dest``; returns the byte count.
 
         Redirects are followed only to https or to the same origin (``redirect_allowed``): a refused one is a
         ``TransportError`` and nothing is written. The body goes to a hidden ``.part`` name, removed on any error.
         No progress for ``upload_read_timeout_s`` aborts it; more than ``max_bytes`` raises :class:`ResultTooLarge`.
+
+        ``part``: the hidden name to write (beside ``dest``); complete, it is hard-linked to ``dest`` and kept, for the
+        caller to remove once it has recorded ``dest`` (a crash in between leaves both names: see
+        ``service.recover_results``). Without it, ``.DEST.part``, renamed to ``dest``.
         """
         origin = target = URL(url, encoded=True)
         try:
@@ -566,7 +573,7 @@ class Client:
                         raise await _put_error(resp, endpoint="download")
                     if max_bytes is not None and (resp.content_length or 0) > max_bytes:
                         raise ResultTooLarge(f"the result is {resp.content_length} bytes, over max_result_bytes")
-                    return await _save(resp, dest, max_bytes)
+                    return await _save(resp, dest, max_bytes, part)
         except aiohttp.ClientError as e:
             raise await self._transport_error("download", e, target) from None
         raise TransportError("download", f"more than {_MAX_REDIRECTS} redirects from {redact_url(str(origin))}")
@@ -622,9 +629,13 @@ def _next_hop(origin: URL, current: URL, location: str) -> URL:
     return target
 
 
-async def _save(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int | None = None) -> int:
-    """Write the body under a hidden name, renamed to ``dest`` when complete and removed on any error."""
-    part = dest.with_name(f".{dest.name}.part")  # the same name on every attempt: a killed run's is overwritten
+async def _save(
+    resp: aiohttp.ClientResponse, dest: Path, max_bytes: int | None = None, keep: Path | None = None
+) -> int:
+    """Write the body under a hidden name, renamed to ``dest`` when complete and removed on any error; or, with
+    ``keep``, written there and hard-linked to ``dest`` when complete (``keep`` stays: see ``Client.download``)."""
+    # The same name on every attempt: a killed run's is overwritten.
+    part = keep if keep is not None else dest.with_name(f".{dest.name}.part")
     total = 0
     try:
         # A plain file closed in `finally`: an awaited close could be skipped when the task is cancelled.
@@ -634,7 +645,10 @@ async def _save(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int | None 
                 if max_bytes is not None and total > max_bytes:
                     raise ResultTooLarge(f"the result is over max_result_bytes ({max_bytes} bytes)")
                 await asyncio.to_thread(f.write, chunk)
-        part.replace(dest)
+        if keep is None:
+            part.replace(dest)
+        else:
+            link_no_replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from .ledger import Job, Ledger, State
-from .mover import apply_moves, fits, plan_moves, rename_no_replace, with_tag, write_error_file
+from .mover import apply_moves, fits, plan_moves, rename_no_replace, same_file, with_tag, write_error_file
 from .packager import moved_intact, source_identity
 from .watcher import DONE_DIR, FAILED_DIR, printable_name
 
@@ -237,7 +237,7 @@ def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
         try:
             rename_no_replace(inbox / taken, inbox / back)
         except FileExistsError:
-            if _same_entry(inbox / taken, inbox / back):
+            if same_file(inbox / taken, inbox / back):
                 # A kill -9 between the put-back's link and its unlink: it is back already.
                 (inbox / taken).unlink()
                 return
@@ -246,14 +246,6 @@ def _put_back(inbox: Path, job: Job, name: str, taken: str) -> None:
             log.warning("job.source_restored_as", **job.log_fields(), source=name, restored_as=back)
         return
     raise FileExistsError(errno.EEXIST, f"cannot put back a file dropped as {name}: its names are taken", taken)
-
-
-def _same_entry(a: Path, b: Path) -> bool:
-    try:
-        x, y = os.lstat(a), os.lstat(b)
-    except FileNotFoundError:
-        return False
-    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
 def drop_staged(job: Job) -> None:

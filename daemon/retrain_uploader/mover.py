@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Collection, Sequence
@@ -80,6 +81,29 @@ def plan_result_name(
     return folder / name
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are two names of one file (a hard link); False if either is missing."""
+    try:
+        x, y = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
+def result_part(dest: Path, job_id: int) -> Path:
+    """The hidden name job ``job_id``'s result is downloaded to, beside ``dest`` (see ``Client.download``)."""
+    return dest.with_name(f".{dest.name}.job{job_id}.part")
+
+
+_RESULT_PART = re.compile(r"\.(?P<dest>.+\.result\.zip)\.job(?P<job>[0-9]+)\.part")
+
+
+def parse_result_part(name: str) -> tuple[str, int] | None:
+    """(the result's name, the job's id) of a name :func:`result_part` made, else None."""
+    m = _RESULT_PART.fullmatch(name)
+    return None if m is None else (m["dest"], int(m["job"]))
+
+
 def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> list[str]:
     """Move each source to its planned target (which was free when planned: only the daemon writes there).
 
@@ -112,18 +136,19 @@ def apply_moves(inbox: Path, sources: Sequence[str], targets: Sequence[str]) -> 
     return missing
 
 
-def rename_no_replace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError): a hard link fails atomically if it does.
+def link_no_replace(src: Path, dst: Path) -> bool:
+    """A second name ``dst`` for ``src`` unless ``dst`` exists (FileExistsError): a hard link fails atomically if it
+    does. True when ``src`` is kept (linked).
 
-    On a filesystem without hard links, falls back to check-then-rename (a narrow race, with our own files only);
-    across filesystems, to a copy (see the module's docstring).
+    On a filesystem without hard links, ``src`` is renamed to ``dst`` instead, after a check that ``dst`` is free (a
+    narrow race, with our own files only); across filesystems, copied (see the module's docstring): False.
     """
     try:
         os.link(src, dst, follow_symlinks=False)
     except FileExistsError:
         raise
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+        if e.errno not in _NO_LINKS:
             raise
         if os.path.lexists(dst):
             raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from None
@@ -133,8 +158,18 @@ def rename_no_replace(src: Path, dst: Path) -> None:
             if e2.errno != errno.EXDEV:
                 raise
             _move_across(src, dst)
-        return
-    os.unlink(src)
+        return False
+    return True
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError), by :func:`link_no_replace` and an unlink."""
+    if link_no_replace(src, dst):
+        os.unlink(src)
+
+
+# What os.link raises where a hard link cannot be made (the filesystem has none, another device, too many links).
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
 def _part_name(dst: Path) -> Path:

@@ -28,6 +28,7 @@ from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import CHECK_BUDGET_S, DAMAGED_EXIT_STATUS, Job, Ledger, State, check_whole
 from .metrics import Metrics, MetricsServer, Snapshot
+from .mover import parse_result_part, same_file
 from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
@@ -406,13 +407,45 @@ class Service:
             self._schedule_probe(ctx, 0.0)
         self._watchers[model.name] = watcher
 
+    def _recover_results(self, model: ModelSettings) -> None:
+        """The hidden part files of result downloads a kill -9 cut (a job never tried again would keep them).
+
+        A finished download is hard-linked to its result's name and its part removed only once the result is recorded:
+        a part whose result name is the same file, of a job of this inbox with no result recorded, was complete and
+        is recorded now (not downloaded a second time beside the first: ``NAME.jobN.result.zip``). Any other part was
+        cut off mid-way, or is left over after its record: removed."""
+        done = model.inbox / "done"
+        for part in done.glob(".*.part"):
+            parsed = parse_result_part(part.name)
+            if parsed is None and not part.name.endswith(".result.zip.part"):  # the download's name before this
+                continue
+            dest_name, job_id = parsed or ("", 0)
+            job = self._result_owner(job_id, model) if parsed else None
+            if job is not None and same_file(part, done / dest_name):
+                relative = f"done/{dest_name}"
+                size = (done / dest_name).stat().st_size
+                self.ledger.update(job.id, result_path=relative, event="result_downloaded",
+                                   detail={"path": relative, "size_bytes": size, "recovered": True})
+                log.info("retrain.result_downloaded", model=job.model, job_id=job.id, file=job.upload_filename,
+                         path=relative, size_bytes=size, recovered=True)
+            elif job is not None or not parsed:
+                log.info("result.removed_partial", model=model.name, path=str(part))
+            part.unlink(missing_ok=True)
+
+    def _result_owner(self, job_id: int, model: ModelSettings) -> Job | None:
+        """The job of this inbox whose result download is job ``job_id``'s, if its result is not recorded yet."""
+        try:
+            job = self.ledger.get(job_id)
+        except KeyError:
+            return None
+        if job.result_path is not None or job.inbox != inbox_key(model.inbox):
+            return None
+        return job
+
     def _make_watcher(self, model: ModelSettings) -> InboxWatcher:
         for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):
             folder.mkdir(parents=True, exist_ok=True)
-        # A result download cut by a kill -9 leaves its hidden part file (a job never tried again keeps it).
-        for part in (model.inbox / "done").glob(".*.result.zip.part"):
-            part.unlink(missing_ok=True)
-            log.info("result.removed_partial", model=model.name, path=str(part))
+        self._recover_results(model)
         return InboxWatcher(
             model.name,
             model.inbox,

@@ -22,7 +22,7 @@ import structlog
 from .client import ApiError, Client, JobStatus, ResultTooLarge, TransportError
 from .config import Settings
 from .ledger import Job, Ledger, StaleJob, State, TrackedRow
-from .mover import plan_result_name
+from .mover import plan_result_name, result_part
 from .outcome import FINISHED_STATUS, Gone, interpret, read_answer
 from .policy import Pause, backoff_delay, classify
 from .redact import scrub
@@ -382,7 +382,10 @@ class RetrainTracker:
                 # name (nor the same hidden part file) as a download under way.
                 dest = plan_result_name(ctx.inbox, job.name, job_id=job.id, claimed=self._result_names)
                 self._result_names.add(dest)
-                size = await self.client.download(url, dest, max_bytes=self.settings.status.max_result_bytes)
+                part = result_part(dest, job.id)
+                size = await self.client.download(
+                    url, dest, max_bytes=self.settings.status.max_result_bytes, part=part
+                )
             except ResultTooLarge as e:
                 self._no_result(job, str(e))
                 return
@@ -406,6 +409,9 @@ class RetrainTracker:
             self.ledger.update(
                 job.id, result_path=relative, event="result_downloaded", detail={"path": relative, "size_bytes": size}
             )
+            # Only now, with the result recorded: a kill -9 before the record leaves both names, and the next start
+            # records the result from them (service.recover_results) instead of downloading a second copy.
+            part.unlink(missing_ok=True)
             log.info(
                 "retrain.result_downloaded",
                 model=job.model,
