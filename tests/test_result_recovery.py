@@ -1,9 +1,10 @@
 """A retraining's result is downloaded once, whatever instant a kill -9 picks (real daemon processes, the emulator).
 
-The result lands in ``done/`` under its name before the ledger records it: a kill in between used to leave an
-unrecorded ``a.result.zip``, and the next start downloaded the result again as ``a.job1.result.zip`` (two copies,
-found by review). A ``sitecustomize`` in the daemon makes the instant exact: right after the result got its name (the
-syscall done, nothing after it), it SIGKILLs itself."""
+The result used to get its name in ``done/`` before the ledger recorded it: a kill in between left an unrecorded
+``a.result.zip``, and the next start downloaded it again as ``a.job1.result.zip`` (two copies, found by review). Now
+it is recorded first and then renamed from its hidden part, and the next start gives a recorded part its name. A
+``sitecustomize`` in the daemon makes each instant exact: it SIGKILLs the process just before, or right after, the
+result's rename to its name (the syscall made by the hook itself, nothing after it)."""
 
 from __future__ import annotations
 
@@ -23,21 +24,20 @@ _SITECUSTOMIZE = '''
 import os, signal, sys
 _busy = []
 def _hook(event, args):
-    # Right after the result gets its name in done/ (link or rename: the syscall is made here, then the process dies).
+    # The result's move to its name: os.link (then an unlink) or os.rename, to a name ending in .result.zip.
     if _busy or event not in ("os.link", "os.rename") or not os.fsdecode(args[1]).endswith(".result.zip"):
         return
     _busy.append(1)
-    (os.link if event == "os.link" else os.rename)(args[0], args[1])
+    if os.environ["RESULT_KILL"] == "after-name":
+        os.rename(args[0], args[1])  # the move made here, whole; then the process dies before anything else
     os.kill(os.getpid(), signal.SIGKILL)
-def _hook_after_record(event, args):
-    # Just before the part is removed: the result is recorded (its commit made), its hidden part not removed yet.
-    if event == "os.remove" and ".result.zip.job" in os.fsdecode(args[0]):
-        os.kill(os.getpid(), signal.SIGKILL)
-if os.environ.get("RESULT_KILL") == "after-name":
+if os.environ.get("RESULT_KILL"):
     sys.addaudithook(_hook)
-if os.environ.get("RESULT_KILL") == "after-record":
-    sys.addaudithook(_hook_after_record)
 '''
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
 
 async def _killed_at(
@@ -53,40 +53,34 @@ async def _killed_at(
     return daemon, LedgerView(tmp_path / "state" / "ledger.sqlite3"), tmp_path / "inbox" / "alpha" / "done"
 
 
-async def test_a_kill_9_after_the_result_lands_and_before_its_record_downloads_it_once(
-    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
-) -> None:
-    daemon, ledger, done = await _killed_at("after-name", tmp_path, emulator, daemons)
-    [job] = ledger.jobs()
-    assert job["result_path"] is None, job  # killed before the record
-    assert (done / "a.result.zip").exists()
-
+async def _restarted(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> dict[str, object]:
+    """The next start: the result recorded as done/a.result.zip, there, downloaded once, no part or copy beside it."""
     await daemon.start()  # no hook
     await wait_for(lambda: ledger.jobs()[0]["result_path"], 20, "the result recorded")
     [job] = ledger.jobs()
     assert job["result_path"] == "done/a.result.zip", job
-    downloads = [r for r in emulator.requests if r.endpoint == "result"]
-    assert len(downloads) == 1, downloads  # not a second copy
-    assert sorted(p.name for p in done.iterdir()) == ["a.csv", "a.result.zip"]  # no part file, no a.job1.result.zip
-    assert [e["detail"].get("recovered") for e in ledger.events(job["id"], "result_downloaded")] == [True]
-    assert daemon.logged("retrain.result_downloaded")[0]["recovered"] is True
+    assert _names(done) == ["a.csv", "a.result.zip"]  # no part, no a.job1.result.zip
+    assert len([r for r in emulator.requests if r.endpoint == "result"]) == 1  # not a second copy
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
+    return job
 
 
-async def test_a_kill_9_after_the_record_leaves_no_hidden_part_behind(
+async def test_a_kill_9_right_after_the_result_gets_its_name_downloads_it_once(
     tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
-    """The part is a second name of the result until it is removed: a kill just before that leaves it, and the next
-    start removes it (the result recorded and kept, nothing downloaded again)."""
-    daemon, ledger, done = await _killed_at("after-record", tmp_path, emulator, daemons)
-    assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"
-    [part] = [p for p in done.iterdir() if p.name.startswith(".")]
-    assert part.name == ".a.result.zip.job1.part"
+    daemon, ledger, done = await _killed_at("after-name", tmp_path, emulator, daemons)
+    assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"  # recorded before it got its name
+    assert (done / "a.result.zip").exists()
+    await _restarted(daemon, ledger, done, emulator)
 
-    await daemon.start()
-    assert sorted(p.name for p in done.iterdir()) == ["a.csv", "a.result.zip"]
-    assert (done / "a.result.zip").stat().st_nlink == 1
-    assert len([r for r in emulator.requests if r.endpoint == "result"]) == 1
-    code, _ = await daemon.terminate()
-    assert code == 0, daemon.tail()
+
+async def test_a_kill_9_between_the_record_and_the_name_gives_it_its_name_at_the_next_start(
+    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
+) -> None:
+    daemon, ledger, done = await _killed_at("before-name", tmp_path, emulator, daemons)
+    assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"
+    assert _names(done) == [".a.result.zip.job1.part", "a.csv"]
+    await _restarted(daemon, ledger, done, emulator)
+    [recovered] = daemon.logged("retrain.result_downloaded")
+    assert recovered["recovered"] is True and recovered["path"] == "done/a.result.zip", recovered

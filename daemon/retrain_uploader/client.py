@@ -26,7 +26,6 @@ from yarl import URL
 
 from .bandwidth import TokenBucket, WindowClosed
 from .checks import InputError
-from .mover import link_no_replace
 from .network import PROXY_AUTH_FAILED, Network, describe_failure
 from .redact import redact_url, scrub
 from .retry_after import parse_retry_after
@@ -555,9 +554,8 @@ class Client:
         ``TransportError`` and nothing is written. The body goes to a hidden ``.part`` name, removed on any error.
         No progress for ``upload_read_timeout_s`` aborts it; more than ``max_bytes`` raises :class:`ResultTooLarge`.
 
-        ``part``: the hidden name to write (beside ``dest``); complete, it is hard-linked to ``dest`` and kept, for the
-        caller to remove once it has recorded ``dest`` (a crash in between leaves both names: see
-        ``service.recover_results``). Without it, ``.DEST.part``, renamed to ``dest``.
+        ``part``: the hidden name to write (beside ``dest``), left there when complete for the caller to record
+        ``dest`` and then move it (see ``RetrainTracker._download``). Without it, ``.DEST.part``, renamed to ``dest``.
         """
         origin = target = URL(url, encoded=True)
         try:
@@ -633,7 +631,7 @@ async def _save(
     resp: aiohttp.ClientResponse, dest: Path, max_bytes: int | None = None, keep: Path | None = None
 ) -> int:
     """Write the body under a hidden name, renamed to ``dest`` when complete and removed on any error; or, with
-    ``keep``, written there and hard-linked to ``dest`` when complete (``keep`` stays: see ``Client.download``)."""
+    ``keep``, written there and left there when complete (see ``Client.download``)."""
     # The same name on every attempt: a killed run's is overwritten.
     part = keep if keep is not None else dest.with_name(f".{dest.name}.part")
     total = 0
@@ -647,8 +645,6 @@ async def _save(
                 await asyncio.to_thread(f.write, chunk)
         if keep is None:
             part.replace(dest)
-        else:
-            link_no_replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
         raise

@@ -198,13 +198,13 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str], list[
 def on_disk_name(inbox: Path, name: str, recorded: list[int]) -> str:
     """The name in the inbox of a source recorded as ``name``: itself, or, for a name that is not UTF-8 (recorded as
     shown, with ``\\xff`` escapes: the ledger holds text), the entry that shows as ``name`` and has the recorded inode.
-    Looked for only when ``name`` is not there and could be such an escape."""
-    if "\\x" not in name or os.path.lexists(inbox / name):
+    Looked for only when ``name`` could be such an escape."""
+    if "\\x" not in name:
         return name
-    guess = real_name(name)
-    with contextlib.suppress(OSError):
-        if os.lstat(inbox / guess).st_ino == recorded[1]:
-            return guess
+    for candidate in (name, real_name(name)):  # a file may also be named with that text itself: its inode tells
+        with contextlib.suppress(OSError):
+            if os.lstat(inbox / candidate).st_ino == recorded[1]:
+                return candidate
     with contextlib.suppress(OSError), os.scandir(inbox) as entries:  # escapes that were text in the name
         for entry in entries:
             if printable_name(entry.name) == name and entry.inode() == recorded[1]:

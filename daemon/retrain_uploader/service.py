@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import signal
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from .client import ApiError, Client, TransportError
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import CHECK_BUDGET_S, DAMAGED_EXIT_STATUS, Job, Ledger, State, check_whole
 from .metrics import Metrics, MetricsServer, Snapshot
-from .mover import parse_result_part, same_file
+from .mover import parse_result_part, rename_no_replace
 from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
@@ -78,6 +79,7 @@ class Service:
         self.ready = asyncio.Event()
         self.models: dict[str, ModelContext] = {}
         self._watchers: dict[str, InboxWatcher] = {}
+        self._results_recovered: set[str] = set()  # inboxes whose result parts were looked at (once a process)
         self.watch_hub = WatchHub(settings.watch, clock=monotonic)  # one inotify instance for every inbox
         self._watch_stops: dict[str, asyncio.Event] = {}
         self._probes: dict[str, asyncio.TimerHandle] = {}
@@ -408,39 +410,47 @@ class Service:
         self._watchers[model.name] = watcher
 
     def _recover_results(self, model: ModelSettings) -> None:
-        """The hidden part files of result downloads a kill -9 cut (a job never tried again would keep them).
+        """The hidden part files of result downloads a kill -9 cut, once per inbox and process (at start; a reload
+        that makes a watcher again must not touch the part of a download under way).
 
-        A finished download is hard-linked to its result's name and its part removed only once the result is recorded:
-        a part whose result name is the same file, of a job of this inbox with no result recorded, was complete and
-        is recorded now (not downloaded a second time beside the first: ``NAME.jobN.result.zip``). Any other part was
-        cut off mid-way, or is left over after its record: removed."""
+        A result is recorded before its part gets its name: a part whose job recorded it (a job of this inbox, its
+        name not there yet) is complete and gets its name now; any other was cut off mid-way, or never recorded (a
+        download tried again later): removed."""
+        key = inbox_key(model.inbox)
+        if key in self._results_recovered:
+            return
+        self._results_recovered.add(key)
         done = model.inbox / "done"
         for part in done.glob(".*.part"):
             parsed = parse_result_part(part.name)
-            if parsed is None and not part.name.endswith(".result.zip.part"):  # the download's name before this
+            if parsed is None and not part.name.endswith(".result.zip.part"):  # (the download's name before)
                 continue
-            dest_name, job_id = parsed or ("", 0)
-            job = self._result_owner(job_id, model) if parsed else None
-            if job is not None and same_file(part, done / dest_name):
-                relative = f"done/{dest_name}"
-                size = (done / dest_name).stat().st_size
-                self.ledger.update(job.id, result_path=relative, event="result_downloaded",
-                                   detail={"path": relative, "size_bytes": size, "recovered": True})
-                log.info("retrain.result_downloaded", model=job.model, job_id=job.id, file=job.upload_filename,
-                         path=relative, size_bytes=size, recovered=True)
-            elif job is not None or not parsed:
-                log.info("result.removed_partial", model=model.name, path=str(part))
+            with contextlib.suppress(OSError):
+                if not stat.S_ISREG(os.lstat(part).st_mode):
+                    continue  # a folder or a link of that name is not ours
+            if parsed is not None and self._place_recorded(model, part, *parsed):
+                continue
             part.unlink(missing_ok=True)
+            log.info("result.removed_partial", model=model.name, path=str(part))
 
-    def _result_owner(self, job_id: int, model: ModelSettings) -> Job | None:
-        """The job of this inbox whose result download is job ``job_id``'s, if its result is not recorded yet."""
+    def _place_recorded(self, model: ModelSettings, part: Path, name: str, job_id: int) -> bool:
+        """Give a recorded result its name (see :meth:`_recover_results`); False if ``part`` is not such a one."""
+        relative = f"done/{name}"
         try:
             job = self.ledger.get(job_id)
         except KeyError:
-            return None
-        if job.result_path is not None or job.inbox != inbox_key(model.inbox):
-            return None
-        return job
+            return False
+        if job.inbox != inbox_key(model.inbox) or job.result_path != relative:
+            return False
+        try:
+            rename_no_replace(part, model.inbox / relative)
+        except OSError as e:  # the name taken meanwhile: not recorded after all, downloaded again
+            self.ledger.update(job.id, result_path=None, event="result_not_placed", detail={"path": relative})
+            log.warning("retrain.download_failed", **job.log_fields(), error=str(e), attempt=0)
+            return False
+        log.info("retrain.result_downloaded", model=job.model, job_id=job.id, file=job.upload_filename,
+                 path=relative, size_bytes=(model.inbox / relative).stat().st_size, recovered=True)
+        return True
 
     def _make_watcher(self, model: ModelSettings) -> InboxWatcher:
         for folder in (model.inbox, model.inbox / "done", model.inbox / "failed"):

@@ -22,7 +22,7 @@ import structlog
 from .client import ApiError, Client, JobStatus, ResultTooLarge, TransportError
 from .config import Settings
 from .ledger import Job, Ledger, StaleJob, State, TrackedRow
-from .mover import plan_result_name, result_part
+from .mover import plan_result_name, rename_no_replace, result_part
 from .outcome import FINISHED_STATUS, Gone, interpret, read_answer
 from .policy import Pause, backoff_delay, classify
 from .redact import scrub
@@ -386,6 +386,18 @@ class RetrainTracker:
                 size = await self.client.download(
                     url, dest, max_bytes=self.settings.status.max_result_bytes, part=part
                 )
+                relative = str(dest.relative_to(ctx.inbox))
+                # Recorded first, then given its name: a kill -9 in between leaves a recorded part, which the next
+                # start gives its name (Service._recover_results). The other order left an unrecorded result, and
+                # the next start downloaded a second copy as NAME.jobN.result.zip.
+                self.ledger.update(job.id, result_path=relative, event="result_downloaded",
+                                   detail={"path": relative, "size_bytes": size})
+                try:
+                    rename_no_replace(part, dest)
+                except OSError:  # the name taken meanwhile, done/ unwritable: not recorded after all, tried again
+                    self.ledger.update(job.id, result_path=None, event="result_not_placed", detail={"path": relative})
+                    part.unlink(missing_ok=True)
+                    raise
             except ResultTooLarge as e:
                 self._no_result(job, str(e))
                 return
@@ -405,13 +417,6 @@ class RetrainTracker:
                 if dest is not None:
                     self._result_names.discard(dest)  # written (then it exists) or given up
             self._download_failures.pop(job.id, None)
-            relative = str(dest.relative_to(ctx.inbox))
-            self.ledger.update(
-                job.id, result_path=relative, event="result_downloaded", detail={"path": relative, "size_bytes": size}
-            )
-            # Only now, with the result recorded: a kill -9 before the record leaves both names, and the next start
-            # records the result from them (service.recover_results) instead of downloading a second copy.
-            part.unlink(missing_ok=True)
             log.info(
                 "retrain.result_downloaded",
                 model=job.model,
