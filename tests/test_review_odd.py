@@ -571,3 +571,33 @@ async def test_kill_9_right_after_the_take_then_restart(
             assert f.read() == data
         [report] = r.error_files().values()
         assert reason in report["error"] and report["missing"] == [], report
+
+
+@pytest.mark.parametrize("name", [b"rr\xffbad.csv", "rr\nnl.csv"], ids=["not_utf8", "control_character"])
+async def test_a_reject_left_open_by_a_read_only_inbox_is_one_job_across_a_restart(
+    name: str | bytes, rig: Callable[..., Rig], unprivileged: Path, emulator: Emulator, teardown_daemons: list[Rig]
+) -> None:
+    """A sibling of the missing-on-a-second-close defect: at a restart the open reject holds its name, and a name
+    that is not UTF-8 is held by its real bytes too (the ledger has it escaped): the start-up scan must not reject the
+    same file again as a second job (two jobs, two error files, one of them saying "missing")."""
+    r = rig(unprivileged)
+    (r.inbox / "done").mkdir()
+    (r.inbox / "failed").mkdir()
+    r.drop(name, table(63))
+    give_to_nobody(unprivileged)
+    r.inbox.chmod(0o555)
+    try:
+        await start(r, teardown_daemons)
+        await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused" + r.context())
+        await r.daemon.kill()
+        await start(r, teardown_daemons)  # still read-only: recovery closes job 1 again, and the scan looks at the file
+        await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused again" + r.context())
+        deadline = asyncio.get_running_loop().time() + 1.2  # more than two rescans (rescan_s 0.5) while read-only
+        await wait_for(lambda: asyncio.get_running_loop().time() > deadline, what="two rescans")
+    finally:
+        r.inbox.chmod(0o755)
+    await r.ledger.all_closed(1, why="once the inbox is writable")
+    await wait_for(lambda: not r.present(name), 10, "the file moved out" + r.context())
+    assert len(r.ledger.jobs()) == 1, r.ledger.jobs()
+    [report] = r.error_files().values()
+    assert report["missing"] == [], report

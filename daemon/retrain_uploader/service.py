@@ -26,6 +26,7 @@ from . import limits, packager
 from .admin import PROBE_JOB_ID, window_text
 from .bandwidth import TokenBucket, UploadWindow
 from .client import ApiError, Client, TransportError
+from .closer import real_name
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import CHECK_BUDGET_S, DAMAGED_EXIT_STATUS, Job, Ledger, State, check_whole
 from .metrics import Metrics, MetricsServer, Snapshot
@@ -589,7 +590,7 @@ class Service:
     def _release(self, job: Job, ctx: ModelContext) -> None:
         inbox = job.inbox or inbox_key(ctx.inbox)
         back = False
-        for name in job.sources:
+        for name in _held_names(job):
             if self._taken.get((inbox, name)) == job.id:
                 del self._taken[(inbox, name)]
                 # A file under a released name (dropped over it while the job held it: its event was passed over
@@ -615,7 +616,7 @@ class Service:
             if ctx.name != job.model:
                 log.info("job.model_renamed", job_id=job.id, model=ctx.name, was=job.model, inbox=job.inbox)
             inbox = job.inbox or inbox_key(ctx.inbox)
-            for name in job.sources:
+            for name in _held_names(job):
                 self._taken[(inbox, name)] = job.id
             if job.package_path and job.state in (State.REQUESTING, State.UPLOADING):
                 keep.append(Path(job.package_path))
@@ -787,3 +788,12 @@ class Service:
             self._notifier.send("WATCHDOG=1", f"STATUS={self.summary()}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=interval)
+
+
+def _held_names(job: Job) -> list[str]:
+    """The inbox names an open job holds: its sources, and for a reject whose name is not UTF-8 (recorded escaped)
+    the entry's own name too, so that the scan at a restart does not reject the same file again as a second job."""
+    names = list(job.sources)
+    if job.kind == "reject":
+        names += [real for real in map(real_name, job.sources) if real not in names]
+    return names
