@@ -40,6 +40,12 @@ def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+
+def _in_place(ledger: LedgerView, done: Path) -> bool:
+    """The result recorded and at its name (it is recorded just before it is renamed there from its part)."""
+    jobs = ledger.jobs()
+    return bool(jobs and jobs[0]["result_path"] and (done / "a.result.zip").exists())
+
 async def _killed_at(
     where: str, tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> tuple[DaemonProcess, LedgerView, Path]:
@@ -56,7 +62,7 @@ async def _killed_at(
 async def _restarted(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> dict[str, object]:
     """The next start: the result recorded as done/a.result.zip, there, downloaded once, no part or copy beside it."""
     await daemon.start()  # no hook
-    await wait_for(lambda: ledger.jobs()[0]["result_path"], 20, "the result recorded")
+    await wait_for(lambda: _in_place(ledger, done), 20, "the result in place")
     [job] = ledger.jobs()
     assert job["result_path"] == "done/a.result.zip", job
     assert _names(done) == ["a.csv", "a.result.zip"]  # no part, no a.job1.result.zip

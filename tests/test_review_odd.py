@@ -129,10 +129,15 @@ class Rig:
             where = os.path.join(base, folder) if folder else base
             if not os.path.isdir(where):
                 continue
-            for entry in os.scandir(where):
-                if entry.is_file(follow_symlinks=False):
-                    with open(entry.path, "rb") as f:
-                        found.setdefault(sha(f.read()), []).append(os.path.relpath(entry.path, base))
+            with os.scandir(where) as entries:
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    try:  # the daemon runs on: a result's hidden part (a download) may be renamed away meanwhile
+                        with open(entry.path, "rb") as f:
+                            found.setdefault(sha(f.read()), []).append(os.path.relpath(entry.path, base))
+                    except FileNotFoundError:
+                        continue
         return found
 
     def present(self, name: str | bytes) -> bool:

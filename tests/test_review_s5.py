@@ -115,6 +115,12 @@ def test_stamps_are_one_per_transaction_and_never_repeat_or_go_back_across_trans
     ledger.close()
 
 
+
+def _in_place(ledger: LedgerView, done: Path) -> bool:
+    """The result recorded and at its name (it is recorded just before it is renamed there from its part)."""
+    jobs = ledger.jobs()
+    return bool(jobs and jobs[0]["result_path"] and (done / "a.result.zip").exists())
+
 async def test_the_same_content_dropped_under_many_names_at_once_is_uploaded_once(
     tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
@@ -256,7 +262,7 @@ async def test_a_reload_during_a_result_download_leaves_its_part_alone(
         removed = daemon.logged("result.removed_partial")
         emulator.release.set()
         ledger = _ledger(tmp_path)
-        await wait_for(lambda: ledger.jobs()[0]["result_path"], 30, "the result recorded")
+        await wait_for(lambda: _in_place(ledger, done), 30, "the result in place")
         downloads = [r for r in emulator.requests if r.endpoint == "result"]
         failed = daemon.logged("retrain.download_failed")
         code, _ = await daemon.terminate()
@@ -293,7 +299,7 @@ async def test_without_hard_links_a_result_is_still_downloaded_and_recorded_once
     done = tmp_path / "inbox" / "alpha" / "done"
     drop(tmp_path / "inbox" / "alpha", "a.csv", CSV)
     ledger = _ledger(tmp_path)
-    await wait_for(lambda: ledger.jobs() and ledger.jobs()[0]["result_path"], 30, "the result recorded")
+    await wait_for(lambda: _in_place(ledger, done), 30, "the result in place")
     assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"
     assert sorted(p.name for p in done.iterdir()) == ["a.csv", "a.result.zip"]
     code, _ = await daemon.terminate()
@@ -315,7 +321,7 @@ async def test_without_hard_links_a_kill_9_after_the_result_lands_downloads_it_o
     # Recorded before it got its name (it was recorded after, and the next start downloaded a second copy).
     assert ledger.jobs()[0]["result_path"] == "done/a.result.zip" and (done / "a.result.zip").exists()
     await daemon.start(env=sitecustomize_env(tmp_path / "site", _NO_LINKS_SITE))  # still no hard links, no kill
-    await wait_for(lambda: ledger.jobs()[0]["result_path"], 30, "the result recorded")
+    await wait_for(lambda: _in_place(ledger, done), 30, "the result in place")
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
     assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"
