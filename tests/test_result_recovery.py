@@ -31,7 +31,13 @@ def _hook(event, args):
     if os.environ["RESULT_KILL"] == "after-name":
         os.rename(args[0], args[1])  # the move made here, whole; then the process dies before anything else
     os.kill(os.getpid(), signal.SIGKILL)
-if os.environ.get("RESULT_KILL"):
+def _hook_inside(event, args):
+    # Inside the move: its hard link made, the part not unlinked yet (both names on one file).
+    if event == "os.remove" and ".result.zip.job" in os.fsdecode(args[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+if os.environ.get("RESULT_KILL") == "inside-rename":
+    sys.addaudithook(_hook_inside)
+elif os.environ.get("RESULT_KILL"):
     sys.addaudithook(_hook)
 '''
 
@@ -90,3 +96,13 @@ async def test_a_kill_9_between_the_record_and_the_name_gives_it_its_name_at_the
     await _restarted(daemon, ledger, done, emulator)
     [recovered] = daemon.logged("retrain.result_downloaded")
     assert recovered["recovered"] is True and recovered["path"] == "done/a.result.zip", recovered
+
+
+async def test_a_kill_9_inside_the_move_to_its_name_keeps_one_result(
+    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
+) -> None:
+    """The move is a hard link and an unlink: a kill between them leaves the part and the name on one file, recorded.
+    The next start drops the part, keeps the record (it once undid it, and the result was fetched again)."""
+    daemon, ledger, done = await _killed_at("inside-rename", tmp_path, emulator, daemons)
+    assert _names(done) == [".a.result.zip.job1.part", "a.csv", "a.result.zip"]
+    await _restarted(daemon, ledger, done, emulator)

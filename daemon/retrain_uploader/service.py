@@ -30,7 +30,7 @@ from .closer import real_name
 from .config import ConfigError, ModelSettings, Settings
 from .ledger import CHECK_BUDGET_S, DAMAGED_EXIT_STATUS, Job, Ledger, State, check_whole
 from .metrics import Metrics, MetricsServer, Snapshot
-from .mover import parse_result_part, rename_no_replace
+from .mover import parse_result_part, rename_no_replace, same_file
 from .network import PROXY_AUTH_FAILED, Network
 from .notify import Notifier
 from .policy import backoff_delay, is_credential_error
@@ -431,7 +431,11 @@ class Service:
                     continue  # a folder or a link of that name is not ours
             if parsed is not None and self._place_recorded(model, part, *parsed):
                 continue
-            part.unlink(missing_ok=True)
+            try:
+                part.unlink(missing_ok=True)
+            except OSError as e:  # done/ read-only, say: not a reason to refuse to start (tried again next start)
+                log.warning("result.partial_not_removed", model=model.name, path=str(part), error=str(e))
+                continue
             log.info("result.removed_partial", model=model.name, path=str(part))
 
     def _place_recorded(self, model: ModelSettings, part: Path, name: str, job_id: int) -> bool:
@@ -444,7 +448,11 @@ class Service:
         if job.inbox != inbox_key(model.inbox) or job.result_path != relative:
             return False
         try:
-            rename_no_replace(part, model.inbox / relative)
+            if same_file(part, model.inbox / relative):  # a kill inside the move (its link made, its unlink not)
+                with contextlib.suppress(OSError):  # placed already: a part left is only a second name
+                    part.unlink()
+            else:
+                rename_no_replace(part, model.inbox / relative)
         except OSError as e:  # the name taken meanwhile: not recorded after all, downloaded again
             self.ledger.update(job.id, result_path=None, event="result_not_placed", detail={"path": relative})
             log.warning("retrain.download_failed", **job.log_fields(), error=str(e), attempt=0)
