@@ -445,7 +445,10 @@ class Service:
             job = self.ledger.get(job_id)
         except KeyError:
             return False
-        if job.inbox != inbox_key(model.inbox) or job.result_path != relative:
+        # A job from before schema 3 recorded no inbox: its model's (the tracker downloaded it there).
+        if (job.inbox or (inbox_key(model.inbox) if job.model == model.name else None)) != inbox_key(model.inbox):
+            return False
+        if job.result_path != relative:
             return False
         try:
             if same_file(part, model.inbox / relative):  # a kill inside the move (its link made, its unlink not)
@@ -453,10 +456,14 @@ class Service:
                     part.unlink()
             else:
                 rename_no_replace(part, model.inbox / relative)
-        except OSError as e:  # the name taken meanwhile: not recorded after all, downloaded again
+        except FileExistsError as e:  # the name taken meanwhile (a file of the user's): not recorded after all
             self.ledger.update(job.id, result_path=None, event="result_not_placed", detail={"path": relative})
             log.warning("retrain.download_failed", **job.log_fields(), error=str(e), attempt=0)
             return False
+        except OSError as e:  # done/ not writable now: the part and its record are kept, placed at a later start
+            log.warning("result.not_placed", **job.log_fields(), path=relative, error=str(e),
+                        action="kept as its hidden part; placed at the next start")
+            return True
         log.info("retrain.result_downloaded", model=job.model, job_id=job.id, file=job.upload_filename,
                  path=relative, size_bytes=(model.inbox / relative).stat().st_size, recovered=True)
         return True

@@ -22,7 +22,7 @@ import structlog
 from .client import ApiError, Client, JobStatus, ResultTooLarge, TransportError
 from .config import Settings
 from .ledger import Job, Ledger, StaleJob, State, TrackedRow
-from .mover import plan_result_name, rename_no_replace, result_part
+from .mover import plan_result_name, rename_no_replace, result_part, same_file
 from .outcome import FINISHED_STATUS, Gone, interpret, read_answer
 from .policy import Pause, backoff_delay, classify
 from .redact import scrub
@@ -394,10 +394,15 @@ class RetrainTracker:
                                    detail={"path": relative, "size_bytes": size})
                 try:
                     rename_no_replace(part, dest)
-                except OSError:  # the name taken meanwhile, done/ unwritable: not recorded after all, tried again
-                    self.ledger.update(job.id, result_path=None, event="result_not_placed", detail={"path": relative})
-                    part.unlink(missing_ok=True)
-                    raise
+                except OSError:
+                    if same_file(part, dest):  # its link made, its unlink failed: it has its name, the part is extra
+                        with contextlib.suppress(OSError):
+                            part.unlink()
+                    else:  # the name taken meanwhile, done/ unwritable: not recorded after all, tried again
+                        self.ledger.update(job.id, result_path=None, event="result_not_placed",
+                                           detail={"path": relative})
+                        part.unlink(missing_ok=True)
+                        raise
             except ResultTooLarge as e:
                 self._no_result(job, str(e))
                 return
