@@ -578,6 +578,23 @@ async def test_kill_9_right_after_the_take_then_restart(
         assert reason in report["error"] and report["missing"] == [], report
 
 
+async def reject_kept_open_across_a_restart(
+    r: Rig, unprivileged: Path, holder: list[Rig], name: str | bytes, data: bytes
+) -> None:
+    """A reject whose close a read-only inbox refuses, then a kill -9 and a restart (still read-only): recovery
+    closes it again, and the start-up scan looks at the same file. The caller makes the inbox writable again."""
+    (r.inbox / "done").mkdir()
+    (r.inbox / "failed").mkdir()
+    r.drop(name, data)
+    give_to_nobody(unprivileged)
+    r.inbox.chmod(0o555)
+    await start(r, holder)
+    await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused" + r.context())
+    await r.daemon.kill()
+    await start(r, holder)
+    await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused again" + r.context())
+
+
 @pytest.mark.parametrize("name", [b"rr\xffbad.csv", "rr\nnl.csv"], ids=["not_utf8", "control_character"])
 async def test_a_reject_left_open_by_a_read_only_inbox_is_one_job_across_a_restart(
     name: str | bytes, rig: Callable[..., Rig], unprivileged: Path, emulator: Emulator, teardown_daemons: list[Rig]
@@ -586,17 +603,8 @@ async def test_a_reject_left_open_by_a_read_only_inbox_is_one_job_across_a_resta
     that is not UTF-8 is held by its real bytes too (the ledger has it escaped): the start-up scan must not reject the
     same file again as a second job (two jobs, two error files, one of them saying "missing")."""
     r = rig(unprivileged)
-    (r.inbox / "done").mkdir()
-    (r.inbox / "failed").mkdir()
-    r.drop(name, table(63))
-    give_to_nobody(unprivileged)
-    r.inbox.chmod(0o555)
     try:
-        await start(r, teardown_daemons)
-        await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused" + r.context())
-        await r.daemon.kill()
-        await start(r, teardown_daemons)  # still read-only: recovery closes job 1 again, and the scan looks at the file
-        await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused again" + r.context())
+        await reject_kept_open_across_a_restart(r, unprivileged, teardown_daemons, name, table(63))
         deadline = asyncio.get_running_loop().time() + 1.2  # more than two rescans (rescan_s 0.5) while read-only
         await wait_for(lambda: asyncio.get_running_loop().time() > deadline, what="two rescans")
     finally:

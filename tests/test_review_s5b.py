@@ -36,8 +36,8 @@ from .conftest import drop, sitecustomize_env, wait_for
 from .test_review_odd import (  # the read-only rig: its fixtures, used below
     Rig,
     give_to_nobody,
+    reject_kept_open_across_a_restart,
     rig,  # noqa: F401
-    start,
     table,
     teardown_daemons,  # noqa: F401
     unprivileged,  # noqa: F401
@@ -129,12 +129,7 @@ async def test_a_kill_9_between_the_link_and_the_unlink_of_the_result_downloads_
         "the result recorded again or downloaded again",
     )
     await wait_for(lambda: ledger.jobs()[0]["result_path"], 20, "a result recorded")
-    code, _ = await daemon.terminate()
-    assert code == 0, daemon.tail()
-    [job] = ledger.jobs()
-    assert job["result_path"] == "done/a.result.zip", job
-    assert _names(done) == ["a.csv", "a.result.zip"]
-    assert _downloads(emulator) == 1
+    await _stopped_with_one_result(daemon, ledger, done, emulator)
 
 
 async def test_a_start_where_done_refuses_writes_with_a_recorded_part_keeps_running(
@@ -189,24 +184,42 @@ async def test_a_kill_9_before_the_result_gets_its_name_with_keep_days_past_plac
     assert _downloads(emulator) == 2  # one each
 
 
-async def test_a_user_file_at_the_result_name_between_plan_and_rename_is_kept_and_the_result_lands_beside(
-    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
-) -> None:
+
+
+async def _stopped_with_one_result(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> None:
+    """Stopped cleanly, with one result recorded at done/a.result.zip, there, downloaded once, nothing beside it."""
+    code, _ = await daemon.terminate()
+    assert code == 0, daemon.tail()
+    [job] = ledger.jobs()
+    assert job["result_path"] == "done/a.result.zip", job
+    assert _names(done) == ["a.csv", "a.result.zip"]
+    assert _downloads(emulator) == 1
+
+async def _placed_with(
+    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess], hook: str, *, no_part: bool = False
+) -> tuple[DaemonProcess, LedgerView, Path]:
+    """A daemon with ``hook`` that uploads a.csv and follows it until a result is recorded and at its name (and, with
+    ``no_part``, no part is left)."""
     config = write_config(tmp_path, emulator.base_url, status={"poll_s": 0.2, "max_poll_s": 0.2})
     daemon = daemons(config)
-    await daemon.start(env=_hooked(tmp_path, "user-takes-name"))
+    await daemon.start(env=_hooked(tmp_path, hook))
     drop(tmp_path / "inbox" / "alpha", "a.csv", CSV)
     ledger = LedgerView(tmp_path / "state" / "ledger.sqlite3")
     done = tmp_path / "inbox" / "alpha" / "done"
-    await wait_for(
-        lambda: (
-            ledger.jobs()
-            and ledger.jobs()[0]["result_path"]
-            and (done / ledger.jobs()[0]["result_path"].removeprefix("done/")).exists()
-        ),
-        30,
-        "a result placed",
-    )
+
+    def placed() -> bool:
+        jobs = ledger.jobs()
+        if not jobs or not jobs[0]["result_path"] or not (done / jobs[0]["result_path"].removeprefix("done/")).exists():
+            return False
+        return not no_part or not [p for p in done.iterdir() if p.name.endswith(".part")]
+
+    await wait_for(placed, 30, "a result placed")
+    return daemon, ledger, done
+
+async def test_a_user_file_at_the_result_name_between_plan_and_rename_is_kept_and_the_result_lands_beside(
+    tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
+) -> None:
+    daemon, ledger, done = await _placed_with(tmp_path, emulator, daemons, "user-takes-name")
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
     [job] = ledger.jobs()
@@ -223,28 +236,8 @@ async def test_a_user_file_at_the_result_name_between_plan_and_rename_is_kept_an
 async def test_a_failed_unlink_of_the_part_after_the_result_got_its_name_downloads_it_once(
     tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
-    config = write_config(tmp_path, emulator.base_url, status={"poll_s": 0.2, "max_poll_s": 0.2})
-    daemon = daemons(config)
-    await daemon.start(env=_hooked(tmp_path, "unlink-fails-once"))
-    drop(tmp_path / "inbox" / "alpha", "a.csv", CSV)
-    ledger = LedgerView(tmp_path / "state" / "ledger.sqlite3")
-    done = tmp_path / "inbox" / "alpha" / "done"
-    await wait_for(
-        lambda: (
-            ledger.jobs()
-            and ledger.jobs()[0]["result_path"]
-            and (done / ledger.jobs()[0]["result_path"].removeprefix("done/")).exists()
-            and not [p for p in done.iterdir() if p.name.endswith(".part")]
-        ),
-        30,
-        "a result placed",
-    )
-    code, _ = await daemon.terminate()
-    assert code == 0, daemon.tail()
-    [job] = ledger.jobs()
-    assert job["result_path"] == "done/a.result.zip", job
-    assert _names(done) == ["a.csv", "a.result.zip"]
-    assert _downloads(emulator) == 1
+    daemon, ledger, done = await _placed_with(tmp_path, emulator, daemons, "unlink-fails-once", no_part=True)
+    await _stopped_with_one_result(daemon, ledger, done, emulator)
 
 
 async def test_a_recorded_part_of_a_job_from_before_schema_3_gets_its_name_at_the_next_start(
@@ -302,17 +295,8 @@ async def test_the_real_name_held_by_a_restarted_reject_is_released_and_a_later_
     good), and is failed with its own error file."""
     name = b"hh\xffbad.csv"
     r = rig(unprivileged)
-    (r.inbox / "done").mkdir()
-    (r.inbox / "failed").mkdir()
-    r.drop(name, table(71))
-    give_to_nobody(unprivileged)
-    r.inbox.chmod(0o555)
     try:
-        await start(r, teardown_daemons)
-        await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused" + r.context())
-        await r.daemon.kill()
-        await start(r, teardown_daemons)  # job 1 recovered: both names held
-        await wait_for(lambda: r.daemon.logged("job.close_failed"), 15, "the close refused again" + r.context())
+        await reject_kept_open_across_a_restart(r, unprivileged, teardown_daemons, name, table(71))  # both names held
     finally:
         r.inbox.chmod(0o755)
     await r.ledger.all_closed(1, why="once the inbox is writable")
