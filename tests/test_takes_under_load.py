@@ -77,10 +77,14 @@ async def test_small_non_utf8_csvs_do_not_block_the_event_loop(start_daemon, tmp
         stop.set()
         await task
     assert {str(j.state) for j in jobs} <= {"uploaded", "retraining", "finished", "duplicate"}, jobs
-    worst = max(lags)
+    worst, second = sorted(lags)[-2:][::-1]
     # Measured here: ~375 ms worst with 250 KiB checked inline, still ~375 ms with the checks in 4 threads at once
     # (the loop must win the GIL back after every syscall); ~100 ms with one check thread at a time (Runner._checking).
-    assert worst < 0.25, f"the event loop stalled {worst * 1000:.0f} ms: small non-UTF-8 csvs checked on the loop"
+    # Those stalls come again and again over the 12 files; a machine busy with other work adds a single spike now and
+    # then (seen: 275 ms once in a full run, even counted in CPU time): the second worst gap is judged, the worst is
+    # only bounded.
+    why = f"the event loop stalled {worst * 1000:.0f} and {second * 1000:.0f} ms: small non-UTF-8 csvs checked on it"
+    assert second < 0.25 and worst < 0.5, why
 
 
 async def test_a_reject_the_ledger_could_not_record_is_recorded_once_there_is_room(
