@@ -126,7 +126,8 @@ async def test_an_ignored_file_with_a_name_that_is_not_utf8_that_keeps_changing_
         stop.set()
         await task
     failures = [e for e in logs if e["event"] == "inbox.watch_failed"]
-    assert failures and len(failures) <= 2  # one line when the streak starts, not one per change
+    # One line a minute, not one per change, nor one each time the watch came back in between (4 lines, seen in CI).
+    assert len(failures) == 1, failures
 
 
 # -- done/ and failed/ ----------------------------------------------------------------------------------------------
