@@ -42,15 +42,31 @@ elif os.environ.get("RESULT_KILL"):
 '''
 
 
-def _names(folder: Path) -> list[str]:
+def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
+
+def downloads(emulator: Emulator) -> int:
+    """Result downloads the emulator served."""
+    return len([r for r in emulator.requests if r.endpoint == "result"])
 
 
 def _in_place(ledger: LedgerView, done: Path) -> bool:
     """The result recorded and at its name (it is recorded just before it is renamed there from its part)."""
     jobs = ledger.jobs()
     return bool(jobs and jobs[0]["result_path"] and (done / "a.result.zip").exists())
+
+
+async def stopped_with_one_result(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> None:
+    """Stopped cleanly, with one result recorded at done/a.result.zip, there, downloaded once (not a second copy),
+    nothing beside it (no part, no a.job1.result.zip)."""
+    code, _ = await daemon.terminate()
+    assert code == 0, daemon.tail()
+    [job] = ledger.jobs()
+    assert job["result_path"] == "done/a.result.zip", job
+    assert names(done) == ["a.csv", "a.result.zip"]
+    assert downloads(emulator) == 1
+
 
 async def _killed_at(
     where: str, tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
@@ -65,17 +81,11 @@ async def _killed_at(
     return daemon, LedgerView(tmp_path / "state" / "ledger.sqlite3"), tmp_path / "inbox" / "alpha" / "done"
 
 
-async def _restarted(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> dict[str, object]:
-    """The next start: the result recorded as done/a.result.zip, there, downloaded once, no part or copy beside it."""
+async def _restarted(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> None:
+    """The next start places the result (or finds it placed): see :func:`stopped_with_one_result`."""
     await daemon.start()  # no hook
     await wait_for(lambda: _in_place(ledger, done), 20, "the result in place")
-    [job] = ledger.jobs()
-    assert job["result_path"] == "done/a.result.zip", job
-    assert _names(done) == ["a.csv", "a.result.zip"]  # no part, no a.job1.result.zip
-    assert len([r for r in emulator.requests if r.endpoint == "result"]) == 1  # not a second copy
-    code, _ = await daemon.terminate()
-    assert code == 0, daemon.tail()
-    return job
+    await stopped_with_one_result(daemon, ledger, done, emulator)
 
 
 async def test_a_kill_9_right_after_the_result_gets_its_name_downloads_it_once(
@@ -92,7 +102,7 @@ async def test_a_kill_9_between_the_record_and_the_name_gives_it_its_name_at_the
 ) -> None:
     daemon, ledger, done = await _killed_at("before-name", tmp_path, emulator, daemons)
     assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"
-    assert _names(done) == [".a.result.zip.job1.part", "a.csv"]
+    assert names(done) == [".a.result.zip.job1.part", "a.csv"]
     await _restarted(daemon, ledger, done, emulator)
     [recovered] = daemon.logged("retrain.result_downloaded")
     assert recovered["recovered"] is True and recovered["path"] == "done/a.result.zip", recovered
@@ -104,5 +114,5 @@ async def test_a_kill_9_inside_the_move_to_its_name_keeps_one_result(
     """The move is a hard link and an unlink: a kill between them leaves the part and the name on one file, recorded.
     The next start drops the part, keeps the record (it once undid it, and the result was fetched again)."""
     daemon, ledger, done = await _killed_at("inside-rename", tmp_path, emulator, daemons)
-    assert _names(done) == [".a.result.zip.job1.part", "a.csv", "a.result.zip"]
+    assert names(done) == [".a.result.zip.job1.part", "a.csv", "a.result.zip"]
     await _restarted(daemon, ledger, done, emulator)

@@ -33,6 +33,7 @@ from retrain_uploader.emulator import Emulator
 
 from ._proc import DaemonProcess, LedgerView, write_config
 from .conftest import drop, sitecustomize_env, wait_for
+from .test_result_recovery import downloads, names, stopped_with_one_result
 from .test_review_odd import (  # the read-only rig: its fixtures, used below
     Rig,
     give_to_nobody,
@@ -87,14 +88,6 @@ if os.environ.get("RESULT_HOOK"):
 """
 
 
-def _names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
-
-def _downloads(emulator: Emulator) -> int:
-    return len([r for r in emulator.requests if r.endpoint == "result"])
-
-
 def _hooked(tmp_path: Path, mode: str) -> dict[str, str]:
     return {"RESULT_HOOK": mode, **sitecustomize_env(tmp_path / "site", _SITECUSTOMIZE)}
 
@@ -122,14 +115,14 @@ async def test_a_kill_9_between_the_link_and_the_unlink_of_the_result_downloads_
     # Either the result is kept as recorded, or (the defect) a second download comes: wait for one of the two.
     await wait_for(
         lambda: (
-            _downloads(emulator) > 1
+            downloads(emulator) > 1
             or (ledger.jobs()[0]["result_path"] == "done/a.result.zip" and daemon.logged("retrain.result_downloaded"))
         ),
         20,
         "the result recorded again or downloaded again",
     )
     await wait_for(lambda: ledger.jobs()[0]["result_path"], 20, "a result recorded")
-    await _stopped_with_one_result(daemon, ledger, done, emulator)
+    await stopped_with_one_result(daemon, ledger, done, emulator)
 
 
 async def test_a_start_where_done_refuses_writes_with_a_recorded_part_keeps_running(
@@ -147,8 +140,8 @@ async def test_a_start_where_done_refuses_writes_with_a_recorded_part_keeps_runn
     assert ledger.jobs()[0]["result_path"] == "done/a.result.zip"
     assert len([p for p in done.iterdir() if p.name.endswith(".part")]) == 1
     await daemon.start()
-    assert _names(done) == ["a.csv", "a.result.zip"]
-    assert _downloads(emulator) == 1
+    assert names(done) == ["a.csv", "a.result.zip"]
+    assert downloads(emulator) == 1
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
 
@@ -181,19 +174,10 @@ async def test_a_kill_9_before_the_result_gets_its_name_with_keep_days_past_plac
     assert code == 0, daemon.tail()
     assert (done / "a.result.zip").exists()
     assert not [p for p in done.iterdir() if p.name.endswith(".part")]
-    assert _downloads(emulator) == 2  # one each
+    assert downloads(emulator) == 2  # one each
 
 
 
-
-async def _stopped_with_one_result(daemon: DaemonProcess, ledger: LedgerView, done: Path, emulator: Emulator) -> None:
-    """Stopped cleanly, with one result recorded at done/a.result.zip, there, downloaded once, nothing beside it."""
-    code, _ = await daemon.terminate()
-    assert code == 0, daemon.tail()
-    [job] = ledger.jobs()
-    assert job["result_path"] == "done/a.result.zip", job
-    assert _names(done) == ["a.csv", "a.result.zip"]
-    assert _downloads(emulator) == 1
 
 async def _placed_with(
     tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess], hook: str, *, no_part: bool = False
@@ -225,7 +209,7 @@ async def test_a_user_file_at_the_result_name_between_plan_and_rename_is_kept_an
     [job] = ledger.jobs()
     assert job["result_path"] == "done/a.job1.result.zip", job
     assert (done / "a.result.zip").read_text() == "the user's own file\n"
-    assert _names(done) == ["a.csv", "a.job1.result.zip", "a.result.zip"]
+    assert names(done) == ["a.csv", "a.job1.result.zip", "a.result.zip"]
     assert [e["event"] for e in ledger.events(job["id"]) if e["event"].startswith("result_")] == [
         "result_downloaded",
         "result_not_placed",
@@ -237,7 +221,7 @@ async def test_a_failed_unlink_of_the_part_after_the_result_got_its_name_downloa
     tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
     daemon, ledger, done = await _placed_with(tmp_path, emulator, daemons, "unlink-fails-once", no_part=True)
-    await _stopped_with_one_result(daemon, ledger, done, emulator)
+    await stopped_with_one_result(daemon, ledger, done, emulator)
 
 
 async def test_a_recorded_part_of_a_job_from_before_schema_3_gets_its_name_at_the_next_start(
@@ -253,8 +237,8 @@ async def test_a_recorded_part_of_a_job_from_before_schema_3_gets_its_name_at_th
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
     [job] = ledger.jobs()
-    assert (done / job["result_path"].removeprefix("done/")).exists(), (job["result_path"], _names(done))
-    assert _downloads(emulator) == 1
+    assert (done / job["result_path"].removeprefix("done/")).exists(), (job["result_path"], names(done))
+    assert downloads(emulator) == 1
 
 
 async def test_a_user_file_at_the_name_of_a_recorded_part_at_start_is_kept_and_the_result_comes_beside(
@@ -273,7 +257,7 @@ async def test_a_user_file_at_the_name_of_a_recorded_part_at_start_is_kept_and_t
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
     assert (done / "a.result.zip").read_text() == "the user's own file\n"
-    assert _names(done) == ["a.csv", "a.job1.result.zip", "a.result.zip"]
+    assert names(done) == ["a.csv", "a.job1.result.zip", "a.result.zip"]
     assert [e["event"] for e in ledger.events(1) if e["event"].startswith("result_")] == [
         "result_downloaded",
         "result_not_placed",
