@@ -172,7 +172,8 @@ def _take(inbox: Path, job: Job) -> tuple[list[int], list[str], list[str], list[
                 origins.append(taken)
             continue  # moved already; whatever stands at `name` now is a newer drop
         if not os.path.lexists(inbox / taken):
-            entry = on_disk_name(inbox, name, recorded) if entry != name else name
+            if entry != name:
+                entry = on_disk_name(inbox, name, recorded)
             now = source_identity(inbox / entry)
             if now and now != recorded:
                 replaced.append(name)

@@ -1077,6 +1077,23 @@ def _job(row: sqlite3.Row) -> Job:
     return job
 
 
+# A job's row is read back after each of its steps with the same sources, targets and header: their tuples (immutable)
+# are decoded once. Bounded: cleared whole when full (a new backlog's names fill it again).
+_NAMES: dict[str, tuple[str, ...]] = {"[]": ()}
+_NAMES_MAX = 4096
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = _NAMES.get(text)
+    if names is None:
+        names = tuple(json.loads(text))
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+            _NAMES["[]"] = ()
+        _NAMES[text] = names
+    return names
+
+
 def _source_ids(text: str | None) -> dict[str, list[int]] | None:
     return json.loads(text) if text else None
 
@@ -1086,10 +1103,10 @@ def _header(text: str | None) -> tuple[str, ...] | None:
 
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
-    "sources": lambda t: _names(t),
+    "sources": _names,
     "state": State,
     "put_started": bool,
-    "moved_to": lambda t: _names(t),
+    "moved_to": _names,
     "closed": bool,
     "source_ids": _source_ids,
     "header": _header,
@@ -1106,20 +1123,3 @@ def _row_plan(columns: Sequence[str]) -> list[tuple[Callable[[Job, Any], None], 
         (Job.__dict__[f.name].__set__, position.get(f.name, -1), _CONVERT.get(f.name))
         for f in dataclasses.fields(Job)
     ]
-
-
-# A job's row is read back after each of its steps with the same sources, targets and header: their tuples (immutable)
-# are decoded once. Bounded: cleared whole when full (a new backlog's names fill it again).
-_NAMES: dict[str, tuple[str, ...]] = {"[]": ()}
-_NAMES_MAX = 4096
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = _NAMES.get(text)
-    if names is None:
-        names = tuple(json.loads(text))
-        if len(_NAMES) >= _NAMES_MAX:
-            _NAMES.clear()
-            _NAMES["[]"] = ()
-        _NAMES[text] = names
-    return names

@@ -445,10 +445,9 @@ class Service:
             job = self.ledger.get(job_id)
         except KeyError:
             return False
-        # A job from before schema 3 recorded no inbox: its model's (the tracker downloaded it there).
-        if (job.inbox or (inbox_key(model.inbox) if job.model == model.name else None)) != inbox_key(model.inbox):
-            return False
-        if job.result_path != relative:
+        key = inbox_key(model.inbox)
+        owner = job.inbox or (key if job.model == model.name else None)  # before schema 3: no inbox, its model's
+        if owner != key or job.result_path != relative:
             return False
         try:
             if same_file(part, model.inbox / relative):  # a kill inside the move (its link made, its unlink not)
