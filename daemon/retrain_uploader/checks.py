@@ -443,6 +443,8 @@ def _sniff(buf: bytes, tap: _Tap, *, complete: bool) -> str:
     text = b"\n".join(lines).decode(encoding, errors="replace")
     consistent = []
     for candidate in (default, "\t" if default == "," else ",", ";"):
+        if candidate not in text:
+            continue  # every row would be one column: never consistent (and a parse of the rows saved)
         widths = {len(r) for r in csv.reader(io.StringIO(text), delimiter=candidate) if r}
         if len(widths) == 1 and widths.pop() >= 2 and len(lines) > 1:
             consistent.append(candidate)

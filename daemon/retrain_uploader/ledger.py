@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from .clock import iso_utc
 
 __all__ = [
     "AFTER_UPLOAD",
@@ -384,7 +385,7 @@ _DUPLICATE_OF = (
 
 
 def _now_iso(clock: Callable[[], float]) -> str:
-    return datetime.fromtimestamp(clock(), UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(clock(), 3)
 
 
 class Ledger:
@@ -408,6 +409,7 @@ class Ledger:
         self._stamp_of_tx: str | None = None  # the open transaction's time, once asked for (see _stamp)
         self._lock_fd: int | None = None
         self._flushing: bool | None = True  # whether commits are flushed now: synchronous=FULL (see _tx)
+        self.commits = 0  # write transactions committed through this object (for the benchmarks)
         if read_only:
             # `status`, `jobs`, `status --check`: never create, migrate, lock or write (a monitoring user may only
             # be able to read the ledger; a backup may hold its write lock).
@@ -537,6 +539,7 @@ class Ledger:
                     self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self.commits += 1
         except sqlite3.DatabaseError as e:
             if not is_corruption(e):
                 raise
@@ -757,7 +760,7 @@ class Ledger:
     def _event(self, job_id: int, event: str, detail: Any) -> None:
         self._db.execute(
             "INSERT INTO job_events (job_id, at, event, detail) VALUES (?, ?, ?, ?)",
-            (job_id, self._stamp(), event, json.dumps(detail, ensure_ascii=False)),
+            (job_id, self._stamp(), event, _to_json(detail)),
         )
 
     # -- models -------------------------------------------------------------------------------------------------------
@@ -1019,6 +1022,10 @@ def _where(*, state: str | None = None, model: str | None = None, since: str | N
     return where, args
 
 
+# json.dumps(value, ensure_ascii=False) without building an encoder for each call (an event is written at every step).
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _event_detail(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k in ("state", "retrain_job_id", "error", "attempts", "moved_to")}
 
@@ -1027,7 +1034,7 @@ def _column_value(key: str, value: Any) -> Any:
     if key == "moved_to":
         return json.dumps(list(value))
     if key == "header":
-        return None if value is None else json.dumps(list(value), ensure_ascii=False)
+        return None if value is None else _to_json(list(value))
     if key == "source_ids":
         return None if value is None else json.dumps(value)
     return value

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Coroutine, MutableMapping
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
+from .clock import iso_utc
 from .journal import JournalSender, journal_fields, stderr_is_journal
 from .redact import scrub, scrub_values
 
@@ -146,6 +148,29 @@ def _add_logger_name(logger: Any, _name: str, event_dict: MutableMapping[str, An
     return event_dict
 
 
+def _add_timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``timestamp``: now, in UTC, to the microsecond (``2026-12-08T02:12:46.282624Z``)."""
+    event_dict["timestamp"] = iso_utc(time.time())
+    return event_dict
+
+
+def _json_default(value: Any) -> Any:
+    """A value JSON has no form for: its ``__structlog__()`` if it has one, else its repr (as structlog renders)."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+# One encoder for every line (json.dumps with arguments builds a new one per call).
+_encode_line = json.JSONEncoder(ensure_ascii=False, default=_json_default).encode
+
+
+def _render_json(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:
+    """The line: the event's fields as one JSON object, non-ASCII text as it is."""
+    return _encode_line(event_dict)
+
+
 def configure(
     *, level: str = "info", json_lines: bool | None = None, stream: TextIO | None = None, file: Path | None = None
 ) -> None:
@@ -159,15 +184,10 @@ def configure(
     if json_lines is None:
         json_lines = journal is not None or file is not None or not stream.isatty()
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    renderer: Any = (
-        structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines else structlog.dev.ConsoleRenderer()
-    )
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        _add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    renderer: Any = _render_json if json_lines else structlog.dev.ConsoleRenderer()
+    # No merge_contextvars: nothing here binds structlog context variables, and it walked every context variable of
+    # the task (asyncio's, aiohttp's) for each line.
+    shared: list[Any] = [structlog.stdlib.add_log_level, _add_logger_name, _add_timestamp]
     # Exceptions are rendered to text in the line, in both forms. Each string value is scrubbed before rendering AND
     # the sink scrubs the whole rendered line (nested values included): rendering escapes quotes, backslashes and tabs
     # once more, and a secret in a value so escaped no longer matches the line's patterns (found by review when the

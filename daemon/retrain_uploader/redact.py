@@ -70,14 +70,18 @@ _AUTHORIZATION = re.compile(
 _KEYWORDS = ("sig", "credential", "token", "access", "key", "secret", "password", "authorization", "http", "://")
 
 
-_ANY_KEYWORD = re.compile("|".join(re.escape(keyword) for keyword in _KEYWORDS))  # on folded text: no IGNORECASE
 
 
 def _maybe_secret(text: str) -> bool:
     folded = text.casefold()
     if "\u0131" in folded or "\u0307" in folded:
         folded = folded.replace("i\u0307", "i").replace("\u0131", "i")
-    return _ANY_KEYWORD.search(folded) is not None
+    # One substring search per keyword, not one regex of them all: the regex tries its alternatives at every
+    # character (4.6 us on a 300-character log line, this 1.8 us; two scrubs per line).
+    for keyword in _KEYWORDS:  # noqa: SIM110 -- a loop, not any(...): no generator per line
+        if keyword in folded:
+            return True
+    return False
 
 
 # A URL's user information (`http://user:password@proxy:3128`): the password goes, the user stays.
