@@ -1101,8 +1101,21 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+# The same for a job's source identities, read back with its row after each step. Shared by the Job objects of one
+# job: no caller changes them (a new identity is a new value, written through update()).
+_SOURCE_IDS: dict[str, dict[str, list[int]]] = {}
+
+
 def _source_ids(text: str | None) -> dict[str, list[int]] | None:
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    ids = _SOURCE_IDS.get(text)
+    if ids is None:
+        ids = json.loads(text)
+        if len(_SOURCE_IDS) >= _NAMES_MAX:
+            _SOURCE_IDS.clear()
+        _SOURCE_IDS[text] = ids
+    return ids
 
 
 def _header(text: str | None) -> tuple[str, ...] | None:

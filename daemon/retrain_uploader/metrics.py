@@ -67,6 +67,7 @@ class Metrics:
             "retrain_uploader_upload_duration_seconds", "Duration of the PUT step.", ["model"],
             buckets=_DURATION_BUCKETS, registry=self.registry,
         )
+        self._per_model: dict[str, tuple[Any, Any, Any]] = {}  # uploaded()'s three children of each model
         self._scrape = _ScrapeCollector()
         self.registry.register(self._scrape)
 
@@ -77,10 +78,18 @@ class Metrics:
         self._retries.labels(model=model, state=step).inc()
 
     def uploaded(self, model: str, size: int, duration_s: float | None) -> None:
-        self._uploads.labels(model=model).inc()
-        self._upload_bytes.labels(model=model).inc(size)
+        per_model = self._per_model.get(model)
+        if per_model is None:  # labels() checks its arguments and takes a lock: once per model, not per file
+            per_model = self._per_model[model] = (
+                self._uploads.labels(model=model),
+                self._upload_bytes.labels(model=model),
+                self._durations.labels(model=model),
+            )
+        uploads, upload_bytes, durations = per_model
+        uploads.inc()
+        upload_bytes.inc(size)
         if duration_s is not None:
-            self._durations.labels(model=model).observe(duration_s)
+            durations.observe(duration_s)
 
     def render(self, snapshot: Snapshot) -> bytes:
         """The text exposition (format 0.0.4) with ``snapshot`` as the scrape-time gauges."""
