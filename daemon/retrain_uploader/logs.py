@@ -44,6 +44,8 @@ _HANDLER_NAME = "retrain_uploader"
 
 def escape_surrogates(text: str) -> str:
     """``text`` with each lone surrogate written as ``\\udcXX``: encodable as UTF-8, and a valid JSON escape."""
+    if text.isascii():  # most lines (a flag of the string, not a scan): no surrogate in them
+        return text
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
