@@ -687,14 +687,19 @@ class Service:
 
     async def _worker(self, index: int) -> None:
         while not self.stop_event.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopper = asyncio.ensure_future(self.stop_event.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter not in done:
-                getter.cancel()
-                return
-            job_id = getter.result()
+            try:
+                job_id = self._queue.get_nowait()  # a backlog: no two tasks and a wait per job
+                # Still a turn of the loop per job, as the wait gave one: a run of duplicates closes without awaiting.
+                await asyncio.sleep(0)
+            except asyncio.QueueEmpty:
+                getter = asyncio.ensure_future(self._queue.get())
+                stopper = asyncio.ensure_future(self.stop_event.wait())
+                done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if getter not in done:
+                    getter.cancel()
+                    return
+                job_id = getter.result()
             self._busy += 1
             self._notify_status()  # STATUS= follows every job start and end, not the next watchdog ping
             try:
@@ -791,7 +796,8 @@ class Service:
         return text + (f"; {uploading}" if uploading else "")
 
     def _notify_status(self) -> None:
-        self._notifier.send(f"STATUS={self.summary()}")
+        if self._notifier.enabled:  # outside systemd: not even the text (twice a job)
+            self._notifier.send(f"STATUS={self.summary()}")
 
     async def _heartbeat(self) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop stalls, systemd restarts us."""

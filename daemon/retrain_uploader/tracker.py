@@ -136,6 +136,8 @@ class RetrainTracker:
                     await self.poll_once(queue)
                 except Exception:  # the ledger, say: log it and poll again next interval, never stop following jobs
                     log.exception("retrain.poll_failed")
+                if self._wake.is_set() or stop.is_set():
+                    continue  # poked while handing jobs over (a job uploaded meanwhile): no wait to set up
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
                 try:
