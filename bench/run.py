@@ -628,8 +628,8 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
             "cpu_ms_per_file": 1000 * cpu / n, "commits_per_job": commits / n,
             "cpu_user_ms_per_file": 1000 * (times1.user - times0.user) / n,
             "cpu_system_ms_per_file": 1000 * (times1.system - times0.system) / n,
-            "note": "status counts the baseline (1/job, worker path) + the tracker's first check after each upload "
-                    "(1/job, outside the workers); poll_s=3600 so no periodic polling"}
+            "note": "status counts the baseline (1/job, worker path); a job's first check comes one poll_s after its "
+                    "upload and poll_s=3600, so no check follows within the drain"}
 
 
 # -- section 4: event-loop lag --------------------------------------------------------------------------------------

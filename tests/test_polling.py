@@ -10,17 +10,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from retrain_uploader.config import Settings
+from retrain_uploader.emulator import Emulator
 from retrain_uploader.ledger import Ledger, State
 from retrain_uploader.service import Service
 from retrain_uploader.tracker import first_check_s, poll_interval
 
 from ._proc import write_config
-from .conftest import wait_for
+from .conftest import drop, wait_for
 
 API = "/v1/external/retrain_jobs"
 
@@ -239,3 +241,28 @@ async def test_after_a_restart_old_jobs_are_spread_over_their_own_interval_not_c
     # every max_poll_s after it.
     assert max(quarters) <= 2 * jobs / 4, quarters
     assert first_round[-1] - start >= 0.6
+
+
+async def test_a_job_just_uploaded_is_first_checked_one_interval_later_not_at_once(
+    start_daemon: Callable[..., Any], emulator: Emulator
+) -> None:
+    """The first status check after an upload comes one ``poll_s`` (less its 10 % jitter) after the PUT, like every
+    later one. Before, each upload was checked at once: a second status request per file on top of the baseline, which
+    doubled the status traffic of a backlog's drain (and one request per job more than one per interval)."""
+    d = await start_daemon(status={"poll_s": 1.0, "max_poll_s": 1.0})
+    for i in range(3):
+        drop(d.inbox(), f"f{i}.csv", f"id,age,plan\n1,34,basic\n2,5{i},premium\n")
+
+    def checks(job_id: str | None) -> list[float]:
+        return [r.at for r in emulator.requests if r.endpoint == "status" and r.job_id == job_id]
+
+    def put_times() -> dict[str | None, float]:
+        return {r.job_id: r.at for r in emulator.requests if r.endpoint == "put" and r.status == 200}
+
+    # Three PUTs, each followed by its baseline before and one check after: four status requests would be two checks.
+    await wait_for(lambda: len(put_times()) == 3 and all(len(checks(j)) >= 2 for j in put_times()), timeout=15,
+                   what="each upload checked once after its PUT")
+    for job_id, put_at in put_times().items():
+        baseline, first = checks(job_id)[:2]
+        assert baseline < put_at < first
+        assert first - put_at >= 0.85, (job_id, first - put_at)  # at once before: ~0.01 s

@@ -751,7 +751,7 @@ class Service:
         elif isinstance(outcome, Closed):
             self._release(job, ctx)
             if outcome.state is State.UPLOADED:
-                self.tracker.poke(job_id)
+                self.tracker.track(job)
 
     def _window_opened(self) -> None:
         waiting, self._window_waiting = self._window_waiting, set()

@@ -103,7 +103,6 @@ class RetrainTracker:
         self._random = rng or random.Random()  # jitter, not a secret
         self._failures: dict[int, int] = {}
         self._wake = asyncio.Event()
-        self._poked: set[int] = set()
         self._full = True
         self._next_full = 0.0
         # Watched time (see _watch): per job, seconds of real answers, the monotonic time of the last answer, and the
@@ -116,12 +115,17 @@ class RetrainTracker:
         self._result_names: set[Path] = set()  # result files being downloaded now
         self._download_slots = asyncio.Semaphore(_DOWNLOADS)
 
-    def poke(self, job_id: int | None = None) -> None:
-        """Check this job now (it was just uploaded), or every job when ``job_id`` is None (a model resumed)."""
-        if job_id is None:
-            self._full = True
-        else:
-            self._poked.add(job_id)
+    def track(self, job: Job) -> None:
+        """Follow a job just uploaded: its first check one interval from now (``poll_s`` with jitter), like every
+        later one. Not at once: a backlog uploading dozens of files a second would double the status requests of the
+        drain (one request per job per interval, as everywhere else)."""
+        if job.id not in self._next and job.id not in self._inflight:
+            self._schedule(job.id, self._monotonic() + self._interval(job))
+            self._wake.set()  # the loop may sleep past this job's time
+
+    def poke(self) -> None:
+        """Read the tracked jobs again now (a model resumed): those not scheduled are spread over their interval."""
+        self._full = True
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -137,7 +141,7 @@ class RetrainTracker:
                 except Exception:  # the ledger, say: log it and poll again next interval, never stop following jobs
                     log.exception("retrain.poll_failed")
                 if self._wake.is_set() or stop.is_set():
-                    continue  # poked while handing jobs over (a job uploaded meanwhile): no wait to set up
+                    continue  # woken while handing jobs over (a job uploaded meanwhile): no wait to set up
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
                 try:
@@ -172,7 +176,7 @@ class RetrainTracker:
         return due
 
     async def poll_once(self, queue: asyncio.Queue[Job]) -> None:
-        """Hand the jobs that are due (and the ones poked) to the poll workers.
+        """Hand the jobs that are due to the poll workers.
 
         Every ``poll_s`` the ledger is read for the jobs still tracked: those not scheduled yet (at start, or after a
         model resumed) are spread evenly over their interval (``poll_s`` for a young job, up to ``max_poll_s`` for an
@@ -183,8 +187,7 @@ class RetrainTracker:
             self._full = False
             self._next_full = now + self.settings.status.poll_s
             self._reschedule(now)
-        due = (self._due(now) | self._poked) - self._inflight
-        self._poked = set()
+        due = self._due(now) - self._inflight
         if not due:
             return
         found: set[int] = set()
@@ -216,7 +219,6 @@ class RetrainTracker:
         self._heap = [(at, k) for k, at in self._next.items()]
         heapq.heapify(self._heap)
         new = [job for job in wanted if job.id not in self._next and job.id not in self._inflight]
-        new = [job for job in new if job.id not in self._poked]
         # Each at its own phase of its own interval: a job checked every 10 min by now (max_poll_s) gets its first
         # check somewhere in the next 10 min, not in the next poll_s with all the others. Squeezing them into poll_s
         # made a burst of max_poll_s / poll_s times the steady rate after every restart, repeated every max_poll_s.
