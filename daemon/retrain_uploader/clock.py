@@ -26,7 +26,9 @@ def iso_utc(t: float, digits: int = 6) -> str:
         second, micros = second - 1, micros + 1_000_000
     last = _last
     if last[0] != second:
-        last = _last = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        # isoformat, not strftime: glibc's %Y does not pad a year below 1000 to 4 digits ("999-...")
+        day_time = datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+        last = _last = (second, day_time)
     if digits == 3:
         return f"{last[1]}.{micros // 1000:03d}Z"
     return f"{last[1]}.{micros:06d}Z"

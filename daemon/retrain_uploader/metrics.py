@@ -67,7 +67,9 @@ class Metrics:
             "retrain_uploader_upload_duration_seconds", "Duration of the PUT step.", ["model"],
             buckets=_DURATION_BUCKETS, registry=self.registry,
         )
-        self._per_model: dict[str, tuple[Any, Any, Any]] = {}  # uploaded()'s three children of each model
+        # uploaded()'s children of each model: uploads, bytes, and the histogram's once a PUT was timed (a child
+        # appears in /metrics once made: an upload confirmed by a status check alone makes none)
+        self._per_model: dict[str, list[Any]] = {}
         self._scrape = _ScrapeCollector()
         self.registry.register(self._scrape)
 
@@ -80,15 +82,15 @@ class Metrics:
     def uploaded(self, model: str, size: int, duration_s: float | None) -> None:
         per_model = self._per_model.get(model)
         if per_model is None:  # labels() checks its arguments and takes a lock: once per model, not per file
-            per_model = self._per_model[model] = (
-                self._uploads.labels(model=model),
-                self._upload_bytes.labels(model=model),
-                self._durations.labels(model=model),
-            )
-        uploads, upload_bytes, durations = per_model
-        uploads.inc()
-        upload_bytes.inc(size)
+            per_model = self._per_model[model] = [
+                self._uploads.labels(model=model), self._upload_bytes.labels(model=model), None
+            ]
+        per_model[0].inc()
+        per_model[1].inc(size)
         if duration_s is not None:
+            durations = per_model[2]
+            if durations is None:
+                durations = per_model[2] = self._durations.labels(model=model)
             durations.observe(duration_s)
 
     def render(self, snapshot: Snapshot) -> bytes:
