@@ -572,8 +572,19 @@ def step_medians(rec: EventRecorder) -> dict[str, float]:
 
 def count_commits(ledger: Any) -> int:
     """The ledger's COMMITs so far (the daemon's only writer counts its own: a trace callback on every statement
-    was counted as the daemon's CPU, ~0.05 ms per file); subtract a first reading from a second."""
-    return int(ledger.commits)
+    was counted as the daemon's CPU, ~0.05 ms per file); subtract a first reading from a second. A daemon from before
+    session 6 (compared side by side with PYTHONPATH) has no counter: it gets the trace callback, and its cost."""
+    if not hasattr(ledger, "commits"):
+        counted = [0]
+
+        def trace(sql: str) -> None:
+            if sql == "COMMIT":
+                counted[0] += 1
+
+        ledger._db.set_trace_callback(trace)
+        ledger.commits = counted  # read below through the list
+        return 0
+    return int(ledger.commits[0] if isinstance(ledger.commits, list) else ledger.commits)
 
 
 async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str, Any]:
