@@ -187,6 +187,9 @@ class Runner:
         self._rng = rng or random.Random()
         self._tickets: dict[int, UploadTicket] = {}
         self.progress = ProgressReporter(ledger, lambda: self.settings.logging.progress_s, monotonic=monotonic)
+        # Told of each job the moment it is recorded `uploaded` (the tracker's track): before its files are moved,
+        # which may be in a thread, during which a full read of the ledger would find it unscheduled.
+        self.on_uploaded: Callable[[Job], None] | None = None
         # Jobs whose PUT outcome is unknown: since when this process knows (monotonic), and how often it asked.
         self._unknown_since: dict[int, float] = {}
         self._settle_failures: dict[int, int] = {}
@@ -654,6 +657,8 @@ class Runner:
                 **planned,
             )
             self.ledger.note_model(model.name, success=True)
+        if self.on_uploaded is not None:
+            self.on_uploaded(job)  # no await since the commit: the tracker schedules it before anything else reads it
         self.metrics.uploaded(model.name, job.size_bytes or 0, duration_s)
         log.info(
             "upload.finished",

@@ -140,6 +140,7 @@ class Service:
         self.tracker = RetrainTracker(
             self.settings, self.ledger, client, self.models, on_pause=self._pause, monotonic=self._monotonic
         )
+        self.runner.on_uploaded = self.tracker.track  # as the upload is recorded, not once its files are moved
         loop = asyncio.get_running_loop()
         if self._handle_signals:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -750,8 +751,6 @@ class Service:
             self._pause(ctx, outcome.reason)
         elif isinstance(outcome, Closed):
             self._release(job, ctx)
-            if outcome.state is State.UPLOADED:
-                self.tracker.track(job)
 
     def _window_opened(self) -> None:
         waiting, self._window_waiting = self._window_waiting, set()

@@ -118,7 +118,9 @@ class RetrainTracker:
     def track(self, job: Job) -> None:
         """Follow a job just uploaded: its first check one interval from now (``poll_s`` with jitter), like every
         later one. Not at once: a backlog uploading dozens of files a second would double the status requests of the
-        drain (one request per job per interval, as everywhere else)."""
+        drain (one request per job per interval, as everywhere else). Called as the upload is recorded (the runner's
+        on_uploaded), with no await in between: were it told once the files were moved (in a thread for a pair or a
+        large file), a full read meanwhile would give the job a restart's first phase, often at once."""
         if job.id not in self._next and job.id not in self._inflight:
             self._schedule(job.id, self._monotonic() + self._interval(job))
             self._wake.set()  # the loop may sleep past this job's time
