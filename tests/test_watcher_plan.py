@@ -92,3 +92,15 @@ def test_settled_only_after_a_quiet_period(times: list[float], settle: float) ->
             last_change = now
         settled = t.observe({"f": sig}, now)
         assert ("f" in settled) == (now - last_change >= settle)
+
+
+def test_a_file_that_settled_after_the_scan_is_due_at_once_not_at_the_rescan() -> None:
+    # The scan saw it unsettled; the loop was held up past settle_s before asking when to scan again. "Every file is
+    # settled" (None) sent the watcher to sleep until the periodic rescan, a minute, with the file never offered.
+    t = SettleTracker(settle_s=0.05)
+    assert t.observe({"a.csv": (10, 1, 1, 1, 1)}, now=100.0) == set()
+    assert t.next_due(100.2) == 0.0  # scan again now: it is settled
+    assert t.observe({"a.csv": (10, 1, 1, 1, 1)}, now=100.2) == {"a.csv"}
+    assert t.next_due(100.2) is None  # offered by that scan: nothing left to wait for
+    # A file the last scan found settled (a half waiting for its partner) never makes the watcher scan in a loop.
+    assert t.next_due(500.0) is None
