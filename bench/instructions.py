@@ -36,8 +36,8 @@ def _control(switch: str) -> None:
 
 
 async def _drain(files: int, work: Path) -> None:
-    import _data  # noqa: PLC0415 -- bench helpers, next to this script
-    import run  # noqa: PLC0415
+    import _data
+    import run
 
     with run.EmulatorProcess(latency_s=0.05) as emu:
         raw = run.settings_mapping(work, emu.base_url, watch={"settle_s": 0.05}, pool={"workers": 8})

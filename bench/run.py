@@ -570,21 +570,20 @@ def step_medians(rec: EventRecorder) -> dict[str, float]:
     return out
 
 
-def count_commits(ledger: Any) -> int:
-    """The ledger's COMMITs so far (the daemon's only writer counts its own: a trace callback on every statement
-    was counted as the daemon's CPU, ~0.05 ms per file); subtract a first reading from a second. A daemon from before
-    session 6 (compared side by side with PYTHONPATH) has no counter: it gets the trace callback, and its cost."""
-    if not hasattr(ledger, "commits"):
-        counted = [0]
+def commit_counter(ledger: Any) -> Callable[[], int]:
+    """Reads the ledger's COMMITs so far: the daemon's only writer counts its own (a trace callback on every statement
+    was counted as the daemon's CPU, ~0.05 ms per file). A daemon from before session 6 (compared side by side with
+    PYTHONPATH) has no counter: it gets the trace callback, and its cost."""
+    if hasattr(ledger, "commits"):
+        return lambda: int(ledger.commits)
+    counted = [0]
 
-        def trace(sql: str) -> None:
-            if sql == "COMMIT":
-                counted[0] += 1
+    def trace(sql: str) -> None:
+        if sql == "COMMIT":
+            counted[0] += 1
 
-        ledger._db.set_trace_callback(trace)
-        ledger.commits = counted  # read below through the list
-        return 0
-    return int(ledger.commits[0] if isinstance(ledger.commits, list) else ledger.commits)
+    ledger._db.set_trace_callback(trace)
+    return lambda: counted[0]
 
 
 async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -600,7 +599,8 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
         with in_process_logging(work / "service.log") as rec:
             service, task = await start_service(raw)
             inbox = work / "inbox"
-            commits0 = count_commits(service.ledger)
+            commits = commit_counter(service.ledger)
+            commits0 = commits()
             # CPU time, not wall time: a commit's fsync blocks the loop but costs no CPU.
             profiler = cProfile.Profile(time.process_time) if args.profile else None
             try:
@@ -613,7 +613,7 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
                 t_dropped = time.monotonic()
                 t_end = await rec.wait_count("job.closed", n, timeout=max(120.0, n * 0.2))
                 cpu, times1 = time.process_time() - cpu0, os.times()
-                commits = count_commits(service.ledger) - commits0
+                committed = commits() - commits0
                 if profiler is not None:
                     profiler.disable()
                 first_url = rec.events["upload.url_received"][0][0]
@@ -636,7 +636,7 @@ async def section_small_files(args: argparse.Namespace, work: Path) -> dict[str,
             "drain_s": drain, "ideal_s": ideal, "ratio": drain / ideal, "requests": dict(per),
             "requests_per_file_worker_path": per_file, "requests_per_file_total": len(requests) / n,
             "first_request_after_s": first_url - t0, "states": states, "step_median_ms": steps,
-            "cpu_ms_per_file": 1000 * cpu / n, "commits_per_job": commits / n,
+            "cpu_ms_per_file": 1000 * cpu / n, "commits_per_job": committed / n,
             "cpu_user_ms_per_file": 1000 * (times1.user - times0.user) / n,
             "cpu_system_ms_per_file": 1000 * (times1.system - times0.system) / n,
             "note": "status counts the baseline (1/job, worker path); a job's first check comes one poll_s after its "

@@ -23,9 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .clock import iso_utc
+
+_T = TypeVar("_T")
 
 __all__ = [
     "AFTER_UPLOAD",
@@ -1084,38 +1086,35 @@ def _job(row: sqlite3.Row) -> Job:
     return job
 
 
-# A job's row is read back after each of its steps with the same sources, targets and header: their tuples (immutable)
-# are decoded once. Bounded: cleared whole when full (a new backlog's names fill it again).
-_NAMES: dict[str, tuple[str, ...]] = {"[]": ()}
-_NAMES_MAX = 4096
+# A job's row is read back after each of its steps with the same sources, targets, header and source identities: each
+# text is decoded once, and the value shared by the Job objects read from it (tuples; the identities' dict is never
+# changed by a caller: a new identity is a new value, written through update()). Bounded: each cache is cleared whole
+# when full (a new backlog's rows fill it again).
+_NAMES: dict[str, tuple[str, ...]] = {}
+_SOURCE_IDS: dict[str, dict[str, list[int]]] = {}
+_DECODED_MAX = 4096
+
+
+def _decoded(cache: dict[str, _T], text: str, decode: Callable[[str], _T]) -> _T:
+    value = cache.get(text)
+    if value is None:
+        value = decode(text)
+        if len(cache) >= _DECODED_MAX:
+            cache.clear()
+        cache[text] = value
+    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
-    names = _NAMES.get(text)
-    if names is None:
-        names = tuple(json.loads(text))
-        if len(_NAMES) >= _NAMES_MAX:
-            _NAMES.clear()
-            _NAMES["[]"] = ()
-        _NAMES[text] = names
-    return names
+    return _decoded(_NAMES, text, _name_tuple)
 
 
-# The same for a job's source identities, read back with its row after each step. Shared by the Job objects of one
-# job: no caller changes them (a new identity is a new value, written through update()).
-_SOURCE_IDS: dict[str, dict[str, list[int]]] = {}
+def _name_tuple(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
 
 
 def _source_ids(text: str | None) -> dict[str, list[int]] | None:
-    if not text:
-        return None
-    ids = _SOURCE_IDS.get(text)
-    if ids is None:
-        ids = json.loads(text)
-        if len(_SOURCE_IDS) >= _NAMES_MAX:
-            _SOURCE_IDS.clear()
-        _SOURCE_IDS[text] = ids
-    return ids
+    return _decoded(_SOURCE_IDS, text, json.loads) if text else None
 
 
 def _header(text: str | None) -> tuple[str, ...] | None:

@@ -70,8 +70,6 @@ _AUTHORIZATION = re.compile(
 _KEYWORDS = ("sig", "credential", "token", "access", "key", "secret", "password", "authorization", "http", "://")
 
 
-
-
 def _maybe_secret(text: str) -> bool:
     folded = text.casefold()
     if "\u0131" in folded or "\u0307" in folded:
