@@ -204,6 +204,9 @@ async def test_a_user_file_at_the_result_name_between_plan_and_rename_is_kept_an
     tmp_path: Path, emulator: Emulator, daemons: Callable[[Path], DaemonProcess]
 ) -> None:
     daemon, ledger, done = await _placed_with(tmp_path, emulator, daemons, "user-takes-name")
+    # The first record names done/a.result.zip, where the user's file stands: "placed" holds until that record is
+    # undone. Stop only once the result has landed beside it (stopped in between, the next start downloads again).
+    await wait_for(lambda: ledger.jobs()[0]["result_path"] == "done/a.job1.result.zip", 30, "the result beside")
     code, _ = await daemon.terminate()
     assert code == 0, daemon.tail()
     [job] = ledger.jobs()
